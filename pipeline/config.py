@@ -20,7 +20,7 @@ from .types import BandRole, RuleRole
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class PeriodConfig(_Model):
@@ -107,7 +107,7 @@ class PipelineConfig(_Model):
     detection: DetectionConfig = DetectionConfig()
     categories: dict[str, CategoryConfig] = Field(default_factory=_default_categories)
     output: OutputConfig = OutputConfig()
-    register: str | None = "runs/register.gpkg"
+    register_path: str | None = Field(default="runs/register.gpkg", alias="register")
     base_dir: Path = Path(".")  # set by load_config; relative paths resolve here
 
     @field_validator("categories")

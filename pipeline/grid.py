@@ -88,7 +88,7 @@ class Grid:
         return tuple(transform_bounds(self.crs, norm_crs(crs), *self.bounds, densify_pts=21))
 
     def window_transform(self, window: Window) -> Affine:
-        return self.transform * Affine.translation(window.col_off, window.row_off)
+        return self.transform @ Affine.translation(window.col_off, window.row_off)
 
     def window_bounds(self, window: Window) -> BBox:
         t = self.window_transform(window)
@@ -100,7 +100,7 @@ class Grid:
 
     def shifted(self, dx_px: float, dy_px: float) -> Grid:
         """The same grid translated by a sub-pixel offset (used to co-register a period)."""
-        return Grid(self.shape, self.transform * Affine.translation(dx_px, dy_px), self.crs)
+        return Grid(self.shape, self.transform @ Affine.translation(dx_px, dy_px), self.crs)
 
     def blocks(self, size: int, halo: int = 0) -> Iterator[Block]:
         """Row-major blocks of ``size`` px with ``halo`` px of context clipped to the grid."""

@@ -1,0 +1,147 @@
+"""Orchestration of one change-detection pass: plan → block pass → patches.
+
+``detect_pair`` runs align → detect → classify → vectorize block by block (locally or on Dask)
+and writes the category raster into a staging folder; it returns patch records. ``run`` and
+``compare`` (in :mod:`pipeline.jobs`) wrap it with tracking and export.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import rasterio
+import shapely
+
+from . import align, classify, ingest
+from .blocks import map_blocks
+from .config import CategoryConfig, DetectionConfig
+from .detect.registry import get_detector
+from .grid import Block, Grid
+from .progress import Progress
+from .types import NOT_OBSERVED
+from .vectorize import BlockPolygons, block_polygons, join_blocks, to_map
+
+log = logging.getLogger(__name__)
+
+#: context pixels around each block for neighbourhood operations and object decisions
+DEFAULT_HALO = 64
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """Everything a worker needs for any block; shipped once per worker (picklable)."""
+
+    before: ingest.ImageSource
+    after: ingest.ImageSource
+    grid: Grid
+    params: align.AlignParams
+    rules: dict[str, gpd.GeoDataFrame]
+    detection: DetectionConfig
+    categories: dict[str, CategoryConfig]
+    resampling: str = "bilinear"
+
+
+@dataclass
+class BlockResult:
+    category: np.ndarray  # uint8, the block core
+    polygons: BlockPolygons
+    n_valid: int
+    excluded: dict[str, int] = field(default_factory=dict)
+
+
+@lru_cache(maxsize=4)
+def _detector(method: str, roles: tuple[str, ...], res: float) -> Any:
+    return get_detector(method, roles, res)
+
+
+def _rules_for(rules: dict[str, gpd.GeoDataFrame], grid: Grid) -> dict[str, gpd.GeoDataFrame]:
+    box = shapely.box(*grid.bounds)
+    out = {}
+    for role, gdf in rules.items():
+        idx = gdf.sindex.query(box, predicate="intersects") if len(gdf) else []
+        out[role] = gdf.iloc[np.sort(idx)] if len(idx) else gdf.iloc[:0]
+    return out
+
+
+def process_block(job: BlockJob, block: Block) -> BlockResult:
+    """Align, detect, classify and vectorize one block (pure apart from reading the images)."""
+    before, after, valid = align.read_aligned_block(
+        job.before, job.after, job.grid, block.outer, job.params,
+        cloud_mask=job.detection.cloud_mask)
+    res = job.grid.res
+    det = _detector(job.detection.method, job.before.roles, res)
+    evidence = det(before, after, valid, job.before.roles, res)
+    outer_grid = job.grid.subgrid(block.outer)
+    masks = classify.rasterize_rules(_rules_for(job.rules, outer_grid), outer_grid)
+    category, confidence, excluded = classify.classify_block(
+        evidence, masks, valid, res_m=res, cfg=job.detection, categories=job.categories)
+    core = block.inner_slices
+    cat_core = np.ascontiguousarray(category[core])
+    ev_core = {k: v[core] for k, v in evidence.items() if k != "change"}
+    ev_core["confidence"] = confidence[core]
+    polys = block_polygons(cat_core, block.core, job.grid.shape, ev_core)
+    return BlockResult(cat_core, polys, int(valid[core].sum()), dict(excluded))
+
+
+def change_profile(grid: Grid, block_size: int) -> dict[str, Any]:
+    return {"driver": "GTiff", "width": grid.width, "height": grid.height, "count": 1,
+            "dtype": "uint8", "crs": grid.crs, "transform": grid.transform,
+            "nodata": NOT_OBSERVED, "tiled": True, "blockxsize": min(block_size, 512),
+            "blockysize": min(block_size, 512), "compress": "deflate", "BIGTIFF": "IF_SAFER"}
+
+
+@dataclass
+class PairResult:
+    records: list[dict]
+    n_pixels: int
+    n_valid: int
+    excluded: dict[str, int]
+    params: align.AlignParams
+
+
+def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Grid, *,
+                rules: dict[str, gpd.GeoDataFrame], detection: DetectionConfig,
+                categories: dict[str, CategoryConfig], block_size: int, change_path: Path,
+                resampling: str = "bilinear", workers: int | None = None,
+                scheduler: str | None = None, timings: Any = None) -> PairResult:
+    """Block pass over ``grid``: writes ``change_path`` and returns the patch records."""
+    from contextlib import nullcontext
+
+    stage = timings.stage if timings is not None else (lambda _n: nullcontext())
+    with stage("align"):
+        params = align.fit_alignment(before, after, grid, coregister=detection.coregister,
+                                     normalize=detection.normalize,
+                                     max_shift_px=detection.max_shift_px)
+        log.info("alignment: shift %s px, gain %s", params.shift_px,
+                 np.round(np.asarray(params.gain), 3).tolist())
+    det = _detector(detection.method, before.roles, grid.res)
+    halo = max(DEFAULT_HALO, int(getattr(det, "halo", 0)))
+    job = BlockJob(before, after, grid, params, rules, detection, categories, resampling)
+    blocks = list(grid.blocks(block_size, halo=halo))
+    parts: list[tuple[int, BlockPolygons]] = []
+    excluded: Counter[str] = Counter()
+    n_valid = 0
+    with stage("detect"):
+        progress = Progress("detect", len(blocks))
+        with rasterio.open(change_path, "w", **change_profile(grid, block_size)) as dst:
+            for block, res in map_blocks(process_block, job, blocks, workers=workers,
+                                         scheduler=scheduler):
+                dst.write(res.category, 1, window=block.core)
+                parts.append((block.index, res.polygons))
+                excluded.update(res.excluded)
+                n_valid += res.n_valid
+                progress.update()
+        progress.close()
+    with stage("vectorize"):
+        # blocks finish in any order: sort parts by block so results never depend on it
+        joined = join_blocks(p for _, p in sorted(parts, key=lambda t: t[0]))
+        mins = {k: c.min_area_m2 for k, c in categories.items()}
+        records = to_map(joined, grid.transform, simplify_px=0.5, min_area_m2=mins)
+    return PairResult(records, grid.height * grid.width, n_valid, dict(excluded), params)

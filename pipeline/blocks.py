@@ -1,0 +1,112 @@
+"""Where block work runs: inline, a local process pool, or a Dask distributed cluster.
+
+The one place that knows about parallelism. A job is a picklable object shipped once per
+worker; ``fn(job, block)`` is a top-level function. Results come back in completion order and
+at most ``2 × workers`` blocks are in flight, so memory is bounded by block size and worker
+count, never by scene size.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import Any, TypeVar
+
+from .errors import TubanError
+from .grid import Block
+
+log = logging.getLogger(__name__)
+J = TypeVar("J")
+R = TypeVar("R")
+
+_JOB: Any = None  # the job, set once per worker process
+
+
+def _init_worker(job: Any) -> None:
+    global _JOB
+    _JOB = job
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _call(fn: Callable[[Any, Block], Any], block: Block) -> Any:
+    return fn(_JOB, block)
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else (os.cpu_count() or 1))
+
+
+def map_blocks(fn: Callable[[J, Block], R], job: J, blocks: Iterable[Block], *,
+               workers: int | None = None, scheduler: str | None = None,
+               ) -> Iterator[tuple[Block, R]]:
+    """Run ``fn(job, block)`` for every block; yield ``(block, result)`` as they finish."""
+    blocks = list(blocks)
+    if scheduler:
+        yield from _map_dask(fn, job, blocks, scheduler)
+        return
+    n = min(workers or default_workers(), len(blocks))
+    if n <= 1:
+        for b in blocks:
+            yield b, fn(job, b)
+        return
+    ctx = mp.get_context("forkserver")
+    with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker,
+                             initargs=(job,)) as pool:
+        yield from _bounded(lambda b: pool.submit(_call, fn, b), blocks, 2 * n)
+
+
+def _bounded(submit: Callable[[Block], Future], blocks: list[Block],
+             limit: int) -> Iterator[tuple[Block, Any]]:
+    todo = iter(blocks)
+    running: dict[Future, Block] = {}
+    for b in todo:
+        running[submit(b)] = b
+        if len(running) >= limit:
+            break
+    while running:
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for f in done:
+            b = running.pop(f)
+            yield b, f.result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                running[submit(nxt)] = nxt
+
+
+def _map_dask(fn: Callable[[Any, Block], Any], job: Any, blocks: list[Block],
+              address: str) -> Iterator[tuple[Block, Any]]:
+    try:
+        from distributed import Client, as_completed
+    except ImportError as err:  # pragma: no cover - distributed is a dependency
+        raise TubanError("dask.distributed is not installed; pip install 'dask[distributed]'"
+                         ) from err
+    try:
+        client = Client(address, timeout="10s", set_as_default=False)
+    except OSError as err:
+        raise TubanError(f"cannot reach Dask scheduler {address}: {err}; start it or fix "
+                         "--scheduler") from None
+    try:
+        n = max(1, sum(client.nthreads().values()))
+        [job_f] = client.scatter([job], broadcast=True, hash=False)
+        todo = iter(blocks)
+        futures = {}
+        for b in todo:
+            futures[client.submit(fn, job_f, b, pure=False)] = b
+            if len(futures) >= 2 * n:
+                break
+        ac = as_completed(list(futures))
+        for f in ac:
+            b = futures.pop(f)
+            yield b, f.result()
+            f.release()
+            nxt = next(todo, None)
+            if nxt is not None:
+                nf = client.submit(fn, job_f, nxt, pure=False)
+                futures[nf] = nxt
+                ac.add(nf)
+    finally:
+        client.close()

@@ -1,0 +1,1 @@
+"""Command line: ``tuban`` (a click group; one module per concern)."""

@@ -1,0 +1,90 @@
+"""Subcommands: run, compare, evaluate. Thin: parse options, call :mod:`pipeline.jobs`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import BandRoleError
+from .main import cli
+
+scheduler_opt = click.option(
+    "--scheduler", metavar="ADDRESS", default=None,
+    help="Dask distributed scheduler (tcp://HOST:PORT); default: local processes.")
+workers_opt = click.option("--workers", type=click.IntRange(1), default=None,
+                           help="Local worker processes (default: all cores).")
+
+
+def parse_bands(text: str | None) -> dict[str, int] | None:
+    """``red=3,green=2,blue=1,nir=4`` -> {"red": 3, ...}; one-line error on bad syntax."""
+    if not text:
+        return None
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        role, sep, idx = part.partition("=")
+        role = role.strip().lower()
+        if not sep or not idx.strip().isdigit() or int(idx) < 1 or not role:
+            raise BandRoleError(f"--bands {text!r}: expected ROLE=INDEX pairs such as "
+                                "red=3,green=2,blue=1,nir=4 (1-based band numbers)")
+        out[role] = int(idx)
+    return out
+
+
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@scheduler_opt
+@workers_opt
+@click.option("--run-id", default=None, help="Run identifier (default: derived from time).")
+def run(config: Path, scheduler: str | None, workers: int | None, run_id: str | None) -> None:
+    """Scheduled batch run over the periods CONFIG names; writes runs/<run_id>/."""
+    from .. import jobs
+
+    out = jobs.run(config, scheduler=scheduler, workers=workers, run_id=run_id)
+    click.echo(str(out))
+
+
+@cli.command()
+@click.argument("before", type=click.Path(path_type=Path))
+@click.argument("after", type=click.Path(path_type=Path))
+@click.option("-o", "--outdir", type=click.Path(path_type=Path), required=True,
+              help="Output folder.")
+@click.option("--config", "config", type=click.Path(path_type=Path), default=None,
+              help="Take thresholds, categories, CRS and resolution from this config.")
+@click.option("--bands", default=None, metavar="ROLE=N,...",
+              help="Band roles, e.g. red=3,green=2,blue=1,nir=4 (applies to both images).")
+@click.option("--rules", type=click.Path(path_type=Path), default=None,
+              help="Folder of rule layers named forest.*, farmland.*, permits.*, ...")
+@scheduler_opt
+@workers_opt
+def compare(before: Path, after: Path, outdir: Path, config: Path | None, bands: str | None,
+            rules: Path | None, scheduler: str | None, workers: int | None) -> None:
+    """Detect change between one BEFORE and one AFTER image (no register)."""
+    from .. import jobs
+
+    out = jobs.compare(before, after, outdir, config=config, bands=parse_bands(bands),
+                       rules_dir=rules, scheduler=scheduler, workers=workers)
+    click.echo(str(out))
+
+
+@cli.command()
+@click.argument("patches", type=click.Path(path_type=Path))
+@click.option("--truth", type=click.Path(path_type=Path), default=None,
+              help="Truth polygons with a 'category' column.")
+@click.option("--label", type=click.Path(path_type=Path), default=None,
+              help="Label raster (>0 = change, nodata = not labelled).")
+@click.option("--distractors", type=click.Path(path_type=Path), default=None,
+              help="Polygons with a 'kind' column that must not be reported.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Also write the scores here.")
+def evaluate(patches: Path, truth: Path | None, label: Path | None,
+             distractors: Path | None, json_out: Path | None) -> None:
+    """Score PATCHES (GeoJSON/GeoPackage) against truth polygons or a label raster."""
+    from ..evaluate import evaluate as run_eval
+
+    scores = run_eval(patches, truth=truth, label=label, distractors=distractors)
+    text = json.dumps(scores, indent=2, ensure_ascii=False)
+    if json_out:
+        json_out.write_text(text + "\n", encoding="utf-8")
+    click.echo(text)

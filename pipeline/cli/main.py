@@ -1,0 +1,56 @@
+"""The ``tuban`` click group: logging, error handling, subcommand registration."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from .. import __version__
+from ..errors import TubanError, one_line
+
+
+def configure_logging(verbosity: int) -> None:
+    level = logging.WARNING - 10 * verbosity if verbosity else logging.INFO
+    logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for noisy in ("rasterio", "fiona", "pyogrio", "distributed", "asyncio", "PIL"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, level))
+
+
+class TubanGroup(click.Group):
+    """Turns :class:`TubanError` into one line on stderr and a non-zero exit (trace with -v)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TubanError as err:
+            if ctx.obj and ctx.obj.get("verbose"):
+                raise
+            click.echo(f"tuban: error: {one_line(str(err))}", err=True)
+            ctx.exit(err.exit_code)
+
+
+@click.group(cls=TubanGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging; -v also shows tracebacks.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.version_option(__version__, prog_name="tuban")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """tuban: satellite change detection for land and urban-management enforcement (图斑)."""
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+    if quiet:
+        logging.basicConfig(level=logging.WARNING, force=True)
+    else:
+        configure_logging(verbose)
+
+
+def main() -> None:
+    cli(prog_name="tuban")
+
+
+from . import commands  # noqa: E402,F401  (registers subcommands)

@@ -1,0 +1,264 @@
+"""The two jobs: ``run`` (a scheduled batch over a config) and ``compare`` (one pair).
+
+Both: ingest → (align → detect → classify → vectorize in :mod:`pipeline.batch`) → track →
+export. All outputs are written into a staging folder and moved into place only on success.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import platform
+import secrets
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+from rasterio.windows import Window
+
+from . import __version__, align, export, ingest
+from .atomic import staging_dir
+from .batch import PairResult, detect_pair
+from .config import PipelineConfig, config_from_dict, load_config
+from .errors import InputError, OutputExistsError
+from .grid import Grid
+from .patches import build_patches
+from .progress import Timings
+from .types import VIOLATIONS
+
+log = logging.getLogger(__name__)
+
+RULE_ROLES = ("forest", "farmland", "ecological_redline", "permits", "cemeteries")
+
+
+def new_run_id(cfg_name: str, after_name: str) -> str:
+    stamp = dt.datetime.now().strftime("%Y%m%dT%H%M%S")
+    return f"{stamp}-{after_name}-{secrets.token_hex(2)}"
+
+
+def _versions() -> dict[str, str]:
+    import geopandas
+    import numpy
+    import rasterio
+    import shapely
+    import skimage
+
+    return {"tuban": __version__, "python": platform.python_version(),
+            "numpy": numpy.__version__, "rasterio": rasterio.__version__,
+            "gdal": rasterio.__gdal_version__, "geopandas": geopandas.__version__,
+            "shapely": shapely.__version__, "scikit-image": skimage.__version__}
+
+
+def _inputs_manifest(sources: list[ingest.ImageSource], layers: dict[str, Path]
+                     ) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for s in sources:
+        for p in s.paths:
+            out.append({"role": f"image:{s.name}", "path": str(p),
+                        "sha256": ingest.file_checksum(p)})
+    for role, p in layers.items():
+        out.append({"role": f"layer:{role}", "path": str(p), "sha256": ingest.file_checksum(p)})
+    return out
+
+
+def evidence_chips(before: ingest.ImageSource, after: ingest.ImageSource, grid: Grid,
+                   params: align.AlignParams, geom: Any, size_px: int
+                   ) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Before/after RGB uint8 chips centred on ``geom`` and the chip's transform."""
+    minx, miny, maxx, maxy = geom.bounds
+    inv = ~grid.transform
+    c0, r0 = inv * (minx, maxy)
+    c1, r1 = inv * (maxx, miny)
+    side = int(max(size_px, (c1 - c0) * 1.6, (r1 - r0) * 1.6))
+    cc, rc = (c0 + c1) / 2, (r0 + r1) / 2
+    win = Window(int(cc - side / 2), int(rc - side / 2), side, side)
+    b, a, valid = align.read_aligned_block(before, after, grid, win, params, cloud_mask=False)
+    roles = list(before.roles)
+    rgb = [roles.index(r) for r in ("red", "green", "blue")]
+    return (export.stretch_rgb(b[rgb], valid), export.stretch_rgb(a[rgb], valid),
+            grid.window_transform(win))
+
+
+def _finish(out_dir: Path, stage: Path, *, cfg: PipelineConfig, grid: Grid,
+            before: ingest.ImageSource, after: ingest.ImageSource, pair: PairResult,
+            patches: gpd.GeoDataFrame, run_id: str, timings: Timings,
+            manifest: dict[str, Any]) -> None:
+    """Evidence, vectors, tasks, report and manifest into ``stage`` (the only writes)."""
+    with timings.stage("export"):
+        evid = [""] * len(patches)
+        if cfg.output.evidence and len(patches):
+            todo = np.flatnonzero(patches["category"].isin(VIOLATIONS).to_numpy()
+                                  & patches["status"].isin(["new", "grown", "reappeared"]))
+            (stage / "evidence").mkdir(exist_ok=True)
+            for i in todo:
+                row = patches.iloc[i]
+                b, a, t = evidence_chips(before, after, grid, pair.params, row.geometry,
+                                         cfg.output.chip_size_px)
+                rel = f"evidence/{row['patch_id']}.png"
+                export.write_evidence(row, b, a, t, stage / rel)
+                evid[i] = rel
+        patches = patches.assign(evidence=evid)
+        export.write_geojson(patches, stage / "patches.geojson")
+        export.write_gpkg(patches, stage / "patches.gpkg")
+        export.write_cog(stage / ".change-tiled.tif", stage / "change.tif")
+        (stage / ".change-tiled.tif").unlink()
+        prio = {k: c.priority for k, c in cfg.categories.items()}
+        export.write_tasks_csv(patches, stage / "tasks.csv", prio)
+        if cfg.output.report:
+            export.write_report(patches, stage / "report.html",
+                                meta={"run_id": run_id, "before": before.name,
+                                      "after": after.name, "grid_bounds": grid.bounds,
+                                      "crs": grid.crs.to_string()})
+    counts = patches["category"].value_counts().to_dict() if len(patches) else {}
+    status = patches["status"].value_counts().to_dict() if len(patches) else {}
+    manifest.update({
+        "timings_s": dict(timings),
+        "counts": {"patches": int(len(patches)), "by_category": counts, "by_status": status,
+                   "excluded": pair.excluded},
+        "observed_fraction": round(pair.n_valid / max(pair.n_pixels, 1), 4),
+        "not_observed_fraction": round(1 - pair.n_valid / max(pair.n_pixels, 1), 4),
+        "alignment": {"shift_px": list(pair.params.shift_px),
+                      "gain": np.asarray(pair.params.gain).round(4).tolist(),
+                      "offset": np.asarray(pair.params.offset).round(5).tolist()},
+        "finished": dt.datetime.now().isoformat(timespec="seconds"),
+    })
+    export.write_manifest(manifest, stage / "run.json")
+
+
+def _pipeline(cfg: PipelineConfig, before: ingest.ImageSource, after: ingest.ImageSource,
+              out_dir: Path, *, run_id: str, scheduler: str | None, workers: int | None,
+              register: Path | None, timings: Timings, extra: dict[str, Any]) -> Path:
+    with timings.stage("ingest"):
+        grid = ingest.working_grid([before, after], crs=cfg.crs, resolution=cfg.resolution,
+                                   bounds=cfg.bounds)
+        rules = ingest.load_rules(cfg, grid)
+        admin = ingest.load_admin(cfg, grid) if cfg.admin else None
+    layer_paths = {r: cfg.path(c.path) for r, c in cfg.rules.items()}
+    if cfg.admin:
+        layer_paths["admin"] = cfg.path(cfg.admin.path)
+    manifest: dict[str, Any] = {
+        "run_id": run_id, "tool": "tuban", "versions": _versions(),
+        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        "config": cfg.model_dump(mode="json", by_alias=True, exclude={"base_dir"}),
+        "inputs": _inputs_manifest([before, after], layer_paths),
+        "grid": {"crs": grid.crs.to_string(), "shape": list(grid.shape),
+                 "resolution_m": grid.res, "bounds": list(grid.bounds)},
+        "periods": {"before": {"name": before.name, "date": str(before.date),
+                               "sensor": before.sensor},
+                    "after": {"name": after.name, "date": str(after.date),
+                              "sensor": after.sensor}},
+        **extra,
+    }
+    with staging_dir(out_dir) as stage:
+        pair = detect_pair(before, after, grid, rules=rules, detection=cfg.detection,
+                           categories=dict(cfg.categories), block_size=cfg.block_size,
+                           change_path=stage / ".change-tiled.tif",
+                           resampling=cfg.align.resampling, workers=workers or cfg.workers,
+                           scheduler=scheduler, timings=timings)
+        meta = {"before_date": str(before.date) if before.date else None,
+                "after_date": str(after.date) if after.date else None,
+                "sensor": after.sensor, "resolution_m": grid.res, "run_id": run_id}
+        patches = build_patches(pair.records, grid.crs, rules=rules, admin=admin, meta=meta)
+        with timings.stage("track"):
+            patches = _track(patches, register, run_id, meta["after_date"] or run_id)
+        _finish(out_dir, stage, cfg=cfg, grid=grid, before=before, after=after, pair=pair,
+                patches=patches, run_id=run_id, timings=timings, manifest=manifest)
+    log.info("wrote %s", out_dir)
+    return out_dir
+
+
+def _track(patches: gpd.GeoDataFrame, register: Path | None, run_id: str,
+           run_date: str) -> gpd.GeoDataFrame:
+    from . import track
+
+    if register is None:
+        return track.assign_ids(patches, run_date=run_date)
+    return track.Register(register).update(patches, run_id=run_id, run_date=run_date)
+
+
+def run(config: str | Path, *, scheduler: str | None = None, workers: int | None = None,
+        run_id: str | None = None) -> Path:
+    """Scheduled batch: the last two periods of ``config``; writes ``runs/<run_id>/``."""
+    cfg = load_config(config)
+    timings = Timings()
+    with timings.stage("ingest"):
+        sources = [ingest.open_period(p, cfg.base_dir) for p in cfg.periods]
+    before, after = sources[-2], sources[-1]
+    run_id = run_id or new_run_id(cfg.name, after.name)
+    out_dir = cfg.path(cfg.output.dir) / run_id
+    if (out_dir / "run.json").exists():
+        raise OutputExistsError(f"{out_dir}: run {run_id} already finished; choose another "
+                                "--run-id or delete the folder")
+    register = cfg.path(cfg.register_path) if cfg.register_path else None
+    return _pipeline(cfg, before, after, out_dir, run_id=run_id, scheduler=scheduler,
+                     workers=workers, register=register, timings=timings,
+                     extra={"job": "run", "config_path": str(Path(config))})
+
+
+def _auto_grid(before: ingest.ImageSource, after: ingest.ImageSource) -> tuple[str, float]:
+    """Working CRS and resolution for a bare pair: before's projected CRS (else UTM), coarser
+    native resolution."""
+    from pyproj import CRS as PCRS
+    from pyproj.aoi import AreaOfInterest
+    from pyproj.database import query_utm_crs_info
+    from rasterio.warp import transform_bounds
+
+    crs = before.crs
+    if crs.is_projected:
+        name = crs.to_string()
+    else:
+        w, s, e, n = transform_bounds(crs, "EPSG:4326", *before.bounds)
+        info = query_utm_crs_info(datum_name="WGS 84", area_of_interest=AreaOfInterest(
+            w, s, e, n))
+        name = f"EPSG:{info[0].code}" if info else PCRS("EPSG:3857").to_string()
+    return name, float(max(before.res, after.res))
+
+
+def compare(before_path: str | Path, after_path: str | Path, outdir: str | Path, *,
+            config: str | Path | None = None, bands: dict[str, int] | None = None,
+            rules_dir: str | Path | None = None, scheduler: str | None = None,
+            workers: int | None = None) -> Path:
+    """One pair of images, no register; same outputs as a run."""
+    timings = Timings()
+    base_cfg = load_config(config) if config else None
+    with timings.stage("ingest"):
+        before = ingest.open_image(before_path, bands=bands, name="before")
+        after = ingest.open_image(after_path, bands=bands, name="after")
+    if before.roles != after.roles:
+        raise InputError(f"{after_path}: band roles {after.roles} differ from {before_path} "
+                         f"{before.roles}; pass --bands for both")
+    crs, res = _auto_grid(before, after)
+    data: dict[str, Any] = {} if base_cfg is None else base_cfg.model_dump(
+        by_alias=True, exclude={"base_dir", "periods", "rules", "admin", "register_path"})
+    data.setdefault("name", "compare")
+    data.setdefault("crs", crs)
+    data.setdefault("resolution", res)
+    data["periods"] = [{"name": "before", "images": [str(before_path)]},
+                       {"name": "after", "images": [str(after_path)]}]
+    data["register"] = None
+    if rules_dir is not None:
+        data["rules"], data["admin"] = _rules_from_dir(Path(rules_dir))
+    elif base_cfg is not None:
+        data["rules"] = {k: v.model_dump() for k, v in base_cfg.rules.items()}
+        data["rules"] = {k: {**v, "path": str(base_cfg.path(v["path"]))}
+                         for k, v in data["rules"].items()}
+        if base_cfg.admin:
+            data["admin"] = {**base_cfg.admin.model_dump(),
+                             "path": str(base_cfg.path(base_cfg.admin.path))}
+    cfg = config_from_dict(data, Path(config or "compare"), Path.cwd())
+    run_id = new_run_id("compare", "pair")
+    return _pipeline(cfg, before, after, Path(outdir), run_id=run_id, scheduler=scheduler,
+                     workers=workers, register=None, timings=timings,
+                     extra={"job": "compare"})
+
+
+def _rules_from_dir(d: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    if not d.is_dir():
+        raise InputError(f"{d}: --rules must be a folder of rule layers (forest.gpkg, ...)")
+    files = {p.stem.lower(): p for p in sorted(d.iterdir())
+             if p.suffix.lower() in (".gpkg", ".geojson", ".json", ".shp")}
+    rules = {r: {"path": str(files[r])} for r in RULE_ROLES if r in files}
+    admin = next(({"path": str(files[k])} for k in ("street_offices", "admin") if k in files),
+                 None)
+    return rules, admin

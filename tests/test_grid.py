@@ -1,0 +1,36 @@
+import numpy as np
+from rasterio.windows import Window
+
+from pipeline.grid import Grid
+
+
+def test_from_bounds_snaps_outward() -> None:
+    g = Grid.from_bounds((602000.3, 2545000.2, 602010.1, 2545010.9), 1.0, "EPSG:4547")
+    assert g.bounds == (602000.0, 2545000.0, 602011.0, 2545011.0)
+    assert g.shape == (11, 11)
+    assert g.pixel_area_m2 == 1.0
+
+
+def test_blocks_cover_grid_once_with_clipped_halo() -> None:
+    g = Grid.from_bounds((0, 0, 100, 70), 1.0, "EPSG:32650")
+    seen = np.zeros(g.shape, int)
+    blocks = list(g.blocks(32, halo=8))
+    assert len(blocks) == g.n_blocks(32) == 12
+    for b in blocks:
+        r, c = int(b.core.row_off), int(b.core.col_off)
+        seen[r:r + int(b.core.height), c:c + int(b.core.width)] += 1
+        assert b.outer.row_off >= 0 and b.outer.col_off >= 0
+        assert b.outer.row_off + b.outer.height <= g.height
+        outer = np.arange(int(b.outer.height * b.outer.width)).reshape(
+            int(b.outer.height), int(b.outer.width))
+        assert outer[b.inner_slices].shape == (int(b.core.height), int(b.core.width))
+    assert (seen == 1).all()
+
+
+def test_subgrid_and_shift() -> None:
+    g = Grid.from_bounds((0, 0, 100, 100), 2.0, "EPSG:32650")
+    sub = g.subgrid(Window(10, 5, 20, 20))
+    assert sub.bounds == (20.0, 50.0, 60.0, 90.0)
+    assert sub.transform.c == 20.0 and sub.transform.f == 90.0
+    s = g.shifted(0.5, -0.25)
+    assert s.transform.c == 1.0 and s.transform.f == 100.5
