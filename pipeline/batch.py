@@ -80,9 +80,10 @@ def process_block(job: BlockJob, block: Block) -> BlockResult:
     evidence = det(before, after, valid, job.before.roles, res)
     outer_grid = job.grid.subgrid(block.outer)
     masks = classify.rasterize_rules(_rules_for(job.rules, outer_grid), outer_grid)
-    category, confidence, excluded = classify.classify_block(
-        evidence, masks, valid, res_m=res, cfg=job.detection, categories=job.categories)
     core = block.inner_slices
+    category, confidence, excluded = classify.classify_block(
+        evidence, masks, valid, res_m=res, cfg=job.detection, categories=job.categories,
+        core=core)
     cat_core = np.ascontiguousarray(category[core])
     ev_core = {k: v[core] for k, v in evidence.items() if k != "change"}
     ev_core["confidence"] = confidence[core]

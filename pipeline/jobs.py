@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 import platform
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,12 @@ import numpy as np
 from rasterio.windows import Window
 
 from . import __version__, align, export, ingest
-from .atomic import staging_dir
 from .batch import PairResult, detect_pair
 from .config import PipelineConfig, config_from_dict, load_config
 from .errors import InputError, OutputExistsError
 from .grid import Grid
 from .patches import build_patches
 from .progress import Timings
-from .types import VIOLATIONS
 
 log = logging.getLogger(__name__)
 
@@ -62,68 +61,53 @@ def _inputs_manifest(sources: list[ingest.ImageSource], layers: dict[str, Path]
     return out
 
 
-def evidence_chips(before: ingest.ImageSource, after: ingest.ImageSource, grid: Grid,
-                   params: align.AlignParams, geom: Any, size_px: int
-                   ) -> tuple[np.ndarray, np.ndarray, Any]:
-    """Before/after RGB uint8 chips centred on ``geom`` and the chip's transform."""
-    minx, miny, maxx, maxy = geom.bounds
-    inv = ~grid.transform
-    c0, r0 = inv * (minx, maxy)
-    c1, r1 = inv * (maxx, miny)
-    side = int(max(size_px, (c1 - c0) * 1.6, (r1 - r0) * 1.6))
-    cc, rc = (c0 + c1) / 2, (r0 + r1) / 2
-    win = Window(int(cc - side / 2), int(rc - side / 2), side, side)
-    b, a, valid = align.read_aligned_block(before, after, grid, win, params, cloud_mask=False)
-    roles = list(before.roles)
-    rgb = [roles.index(r) for r in ("red", "green", "blue")]
-    return (export.stretch_rgb(b[rgb], valid), export.stretch_rgb(a[rgb], valid),
-            grid.window_transform(win))
+class ChipSource:
+    """Before/after RGB chips for bounds in the working CRS (reads both dates once per chip)."""
+
+    def __init__(self, before: ingest.ImageSource, after: ingest.ImageSource, grid: Grid,
+                 params: align.AlignParams) -> None:
+        self.before, self.after, self.grid, self.params = before, after, grid, params
+        self._last: tuple[Any, tuple[np.ndarray, np.ndarray]] | None = None
+
+    def _read(self, bounds: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+        if self._last is not None and self._last[0] == bounds:
+            return self._last[1]
+        inv = ~self.grid.transform
+        c0, r0 = inv * (bounds[0], bounds[3])
+        c1, r1 = inv * (bounds[2], bounds[1])
+        win = Window(round(c0), round(r0), max(1, round(c1 - c0)), max(1, round(r1 - r0)))
+        b, a, valid = align.read_aligned_block(self.before, self.after, self.grid, win,
+                                               self.params, cloud_mask=False)
+        rgb = [list(self.before.roles).index(r) for r in ("red", "green", "blue")]
+        chips = export.stretch_rgb(b[rgb], valid), export.stretch_rgb(a[rgb], valid)
+        self._last = (bounds, chips)
+        return chips
+
+    def before_chip(self, bounds: tuple[float, float, float, float]) -> np.ndarray:
+        return self._read(bounds)[0]
+
+    def after_chip(self, bounds: tuple[float, float, float, float]) -> np.ndarray:
+        return self._read(bounds)[1]
 
 
-def _finish(out_dir: Path, stage: Path, *, cfg: PipelineConfig, grid: Grid,
+def _finish(out_dir: Path, change_tif: Path, *, cfg: PipelineConfig, grid: Grid,
             before: ingest.ImageSource, after: ingest.ImageSource, pair: PairResult,
-            patches: gpd.GeoDataFrame, run_id: str, timings: Timings,
-            manifest: dict[str, Any]) -> None:
-    """Evidence, vectors, tasks, report and manifest into ``stage`` (the only writes)."""
-    with timings.stage("export"):
-        evid = [""] * len(patches)
-        if cfg.output.evidence and len(patches):
-            todo = np.flatnonzero(patches["category"].isin(VIOLATIONS).to_numpy()
-                                  & patches["status"].isin(["new", "grown", "reappeared"]))
-            (stage / "evidence").mkdir(exist_ok=True)
-            for i in todo:
-                row = patches.iloc[i]
-                b, a, t = evidence_chips(before, after, grid, pair.params, row.geometry,
-                                         cfg.output.chip_size_px)
-                rel = f"evidence/{row['patch_id']}.png"
-                export.write_evidence(row, b, a, t, stage / rel)
-                evid[i] = rel
-        patches = patches.assign(evidence=evid)
-        export.write_geojson(patches, stage / "patches.geojson")
-        export.write_gpkg(patches, stage / "patches.gpkg")
-        export.write_cog(stage / ".change-tiled.tif", stage / "change.tif")
-        (stage / ".change-tiled.tif").unlink()
-        prio = {k: c.priority for k, c in cfg.categories.items()}
-        export.write_tasks_csv(patches, stage / "tasks.csv", prio)
-        if cfg.output.report:
-            export.write_report(patches, stage / "report.html",
-                                meta={"run_id": run_id, "before": before.name,
-                                      "after": after.name, "grid_bounds": grid.bounds,
-                                      "crs": grid.crs.to_string()})
-    counts = patches["category"].value_counts().to_dict() if len(patches) else {}
-    status = patches["status"].value_counts().to_dict() if len(patches) else {}
+            patches: gpd.GeoDataFrame, timings: Timings, manifest: dict[str, Any]) -> None:
+    """Hand everything to export, the only writer of results."""
+    chips = ChipSource(before, after, grid, pair.params)
     manifest.update({
-        "timings_s": dict(timings),
-        "counts": {"patches": int(len(patches)), "by_category": counts, "by_status": status,
-                   "excluded": pair.excluded},
+        "excluded": pair.excluded,
         "observed_fraction": round(pair.n_valid / max(pair.n_pixels, 1), 4),
         "not_observed_fraction": round(1 - pair.n_valid / max(pair.n_pixels, 1), 4),
-        "alignment": {"shift_px": list(pair.params.shift_px),
+        "alignment": {"shift_px": [round(float(v), 3) for v in pair.params.shift_px],
                       "gain": np.asarray(pair.params.gain).round(4).tolist(),
                       "offset": np.asarray(pair.params.offset).round(5).tolist()},
-        "finished": dt.datetime.now().isoformat(timespec="seconds"),
     })
-    export.write_manifest(manifest, stage / "run.json")
+    with timings.stage("export"):
+        manifest["timings_s"] = timings
+        export.export_all(out_dir, patches, manifest=manifest, change_tif=change_tif,
+                          before_chip=chips.before_chip, after_chip=chips.after_chip,
+                          config=cfg, extent=grid.bounds)
 
 
 def _pipeline(cfg: PipelineConfig, before: ingest.ImageSource, after: ingest.ImageSource,
@@ -150,10 +134,12 @@ def _pipeline(cfg: PipelineConfig, before: ingest.ImageSource, after: ingest.Ima
                               "sensor": after.sensor}},
         **extra,
     }
-    with staging_dir(out_dir) as stage:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.work-", dir=out_dir.parent) as tmp:
+        change_tif = Path(tmp) / "change-tiled.tif"
         pair = detect_pair(before, after, grid, rules=rules, detection=cfg.detection,
                            categories=dict(cfg.categories), block_size=cfg.block_size,
-                           change_path=stage / ".change-tiled.tif",
+                           change_path=change_tif,
                            resampling=cfg.align.resampling, workers=workers or cfg.workers,
                            scheduler=scheduler, timings=timings)
         meta = {"before_date": str(before.date) if before.date else None,
@@ -162,8 +148,8 @@ def _pipeline(cfg: PipelineConfig, before: ingest.ImageSource, after: ingest.Ima
         patches = build_patches(pair.records, grid.crs, rules=rules, admin=admin, meta=meta)
         with timings.stage("track"):
             patches = _track(patches, register, run_id, meta["after_date"] or run_id)
-        _finish(out_dir, stage, cfg=cfg, grid=grid, before=before, after=after, pair=pair,
-                patches=patches, run_id=run_id, timings=timings, manifest=manifest)
+        _finish(out_dir, change_tif, cfg=cfg, grid=grid, before=before, after=after,
+                pair=pair, patches=patches, timings=timings, manifest=manifest)
     log.info("wrote %s", out_dir)
     return out_dir
 
@@ -172,8 +158,9 @@ def _track(patches: gpd.GeoDataFrame, register: Path | None, run_id: str,
            run_date: str) -> gpd.GeoDataFrame:
     from . import track
 
-    if register is None:
-        return track.assign_ids(patches, run_date=run_date)
+    if register is None:  # compare: ids from an empty register, every patch new
+        return track.match(patches, track.empty_register(patches.crs), run_date=run_date,
+                           run_id=run_id)[0]
     return track.Register(register).update(patches, run_id=run_id, run_date=run_date)
 
 

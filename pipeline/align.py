@@ -1,0 +1,335 @@
+"""Align: co-registration shift, relative radiometric normalisation, cloud/shadow mask.
+
+Pure array functions (``estimate_shift``, ``estimate_radiometry``, ``apply_radiometry``,
+``cloud_shadow_mask``) plus two small orchestrators that do sampled reads through
+:mod:`pipeline.ingest` (``fit_alignment``) and per-block reads (``read_aligned_block``).
+
+Sign convention of a shift ``(dx, dy)``, in working-grid pixels: the moving (after) image's
+content lies ``dx`` pixels to the right (east) and ``dy`` pixels down (south) of where the
+reference (before) image has it. ``read_block(after, ..., shift_px=(dx, dy))`` samples the
+after image at (col + dx, row + dy), which lines it up with the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from rasterio.windows import Window
+from scipy import ndimage as ndi
+from scipy.stats import chi2
+from skimage.registration import phase_cross_correlation
+
+from .grid import Grid
+from .ingest import ImageSource, read_block, read_overview
+from .types import Resampling
+
+VISIBLE = ("blue", "green", "red")
+
+
+# ---------------------------------------------------------------------------- registration
+
+
+def _feature(img: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Normalised gradient magnitude of the band mean, zero outside valid data, tapered."""
+    x = img.astype("float64")
+    if x.ndim == 3:
+        x = x.mean(axis=0)  # NaN where any band is NaN: handled as invalid below
+    ok = valid & np.isfinite(x)
+    x = np.where(ok, x, np.median(x[ok]) if ok.any() else 0.0)
+    x = ndi.gaussian_filter(x, 1.0)
+    g = np.hypot(ndi.sobel(x, 0), ndi.sobel(x, 1))
+    bad = ndi.binary_dilation(~ok, iterations=3)
+    gv = g[~bad]
+    if gv.size < 16 or gv.std() == 0:
+        return np.zeros_like(g)
+    g = (g - gv.mean()) / gv.std()
+    g[bad] = 0.0
+    h, w = g.shape
+    taper = np.outer(_tukey(h), _tukey(w))
+    return g * taper
+
+
+def _tukey(n: int, alpha: float = 0.25) -> np.ndarray:
+    if n < 8:
+        return np.ones(n)
+    t = np.linspace(0.0, 1.0, n)
+    w = np.ones(n)
+    a = alpha / 2
+    lo, hi = t < a, t > 1 - a
+    w[lo] = 0.5 * (1 + np.cos(np.pi * (t[lo] / a - 1)))
+    w[hi] = 0.5 * (1 + np.cos(np.pi * ((t[hi] - 1) / a + 1)))
+    return w
+
+
+def _shift_with_confidence(ref: np.ndarray, mov: np.ndarray, valid: np.ndarray,
+                           max_shift_px: float, min_peak_ratio: float = 2.0,
+                           ) -> tuple[float, float, bool]:
+    """(dx, dy, confident) by phase correlation on gradient magnitude."""
+    for x in (ref, mov):
+        valid = valid & (np.isfinite(x).all(axis=0) if x.ndim == 3 else np.isfinite(x))
+    a, b = _feature(ref, valid), _feature(mov, valid)
+    if valid.mean() < 0.25 or not a.any() or not b.any():
+        return 0.0, 0.0, False
+    # Integer phase-correlation surface, to judge how distinct the peak is.
+    fa, fb = np.fft.fft2(a), np.fft.fft2(b)
+    cross = fa * np.conj(fb)
+    surf = np.fft.ifft2(cross / np.maximum(np.abs(cross), 1e-12)).real
+    pk = np.unravel_index(np.argmax(surf), surf.shape)
+    peak = surf[pk]
+    rolled = np.roll(surf, (-pk[0], -pk[1]), axis=(0, 1))
+    rolled[:3, :3] = rolled[:3, -2:] = rolled[-2:, :3] = rolled[-2:, -2:] = -np.inf
+    second = rolled.max()
+    ratio = peak / max(second, 1e-12)
+    shift, _, _ = phase_cross_correlation(a, b, upsample_factor=50, normalization="phase")
+    sy, sx = float(shift[0]), float(shift[1])
+    # skimage: ``shift`` moves ``mov`` onto ``ref``; our convention is the displacement of mov.
+    dx, dy = -sx, -sy
+    ok = bool(ratio >= min_peak_ratio and np.hypot(dx, dy) <= max_shift_px)
+    return dx, dy, ok
+
+
+def estimate_shift(ref: np.ndarray, mov: np.ndarray, valid: np.ndarray,
+                   max_shift_px: float) -> tuple[float, float]:
+    """Sub-pixel shift ``(dx, dy)`` of ``mov`` relative to ``ref``, in pixels of the arrays.
+
+    ``ref``/``mov`` are ``(h, w)`` or ``(bands, h, w)`` (bands are averaged: pass the visible
+    bands). The result is what to pass as ``read_block(mov_source, ..., shift_px=(dx, dy))`` so
+    the moving image lines up with the reference; ``(0.0, 0.0)`` when the correlation peak is not
+    distinct or the shift exceeds ``max_shift_px``.
+    """
+    dx, dy, ok = _shift_with_confidence(ref, mov, valid, max_shift_px)
+    return (dx, dy) if ok else (0.0, 0.0)
+
+
+# ---------------------------------------------------------------------------- radiometry
+
+
+def _orthogonal_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Orthogonal (total least squares) regression y = g x + o; symmetric in noise."""
+    mx, my = x.mean(), y.mean()
+    sxx, syy, sxy = ((x - mx) ** 2).mean(), ((y - my) ** 2).mean(), ((x - mx) * (y - my)).mean()
+    if sxx <= 0:
+        return 1.0, float(my - mx)
+    if abs(sxy) < 1e-15:
+        g = float(np.sqrt(syy / sxx)) if syy > 0 else 1.0
+    else:
+        g = float((syy - sxx + np.sqrt((syy - sxx) ** 2 + 4 * sxy ** 2)) / (2 * sxy))
+    g = float(np.clip(g, 0.2, 5.0))
+    return g, float(my - g * mx)
+
+
+def estimate_radiometry(ref: np.ndarray, mov: np.ndarray, valid: np.ndarray,
+                        max_change_frac: float = 0.3, *, max_samples: int = 100_000,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band ``gain``, ``offset`` with ``mov * gain + offset ≈ ref`` on invariant pixels.
+
+    Least-trimmed-squares style: fit an orthogonal regression per band, drop the
+    ``max_change_frac`` of pixels with the largest multivariate standardised residual, refit
+    until stable; finally keep every pixel within the 99 % chi² bound and refit. Recovers the
+    true relation when at most ``max_change_frac`` of the valid pixels changed.
+    """
+    nb = ref.shape[0]
+    ok = valid & np.isfinite(ref).all(axis=0) & np.isfinite(mov).all(axis=0)
+    idx = np.flatnonzero(ok)
+    gain, offset = np.ones(nb, "float32"), np.zeros(nb, "float32")
+    if idx.size < 50:
+        return gain, offset
+    if idx.size > max_samples:
+        idx = np.random.default_rng(seed).choice(idx, max_samples, replace=False)
+    x = mov.reshape(nb, -1)[:, idx].astype("float64")
+    y = ref.reshape(nb, -1)[:, idx].astype("float64")
+    keep = np.ones(idx.size, bool)
+    g, o = np.ones(nb), np.zeros(nb)
+
+    def fit(k: np.ndarray) -> None:
+        for b in range(nb):
+            g[b], o[b] = _orthogonal_fit(x[b, k], y[b, k])
+
+    def dist2() -> np.ndarray:
+        r = y - (g[:, None] * x + o[:, None])
+        med = np.median(r[:, keep], axis=1)
+        s = 1.4826 * np.median(np.abs(r[:, keep] - med[:, None]), axis=1)
+        s = np.maximum(s, 1e-6)
+        return (((r - med[:, None]) / s[:, None]) ** 2).sum(axis=0)
+
+    fit(keep)
+    q = 1.0 - max_change_frac
+    for _ in range(20):
+        d2 = dist2()
+        new = d2 <= np.quantile(d2, q)
+        if (new == keep).all():
+            break
+        keep = new
+        fit(keep)
+    d2 = dist2()
+    # Widen to every pixel consistent with no change (the trimmed set at least).
+    final = d2 <= max(chi2.ppf(0.99, nb), float(np.quantile(d2, q)))
+    if final.sum() >= 50:
+        keep = final
+        fit(keep)
+    return g.astype("float32"), o.astype("float32")
+
+
+def apply_radiometry(img: np.ndarray, gain: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """``img * gain + offset`` per band (``img`` is ``(bands, h, w)``)."""
+    return (img * np.asarray(gain, "float32")[:, None, None]
+            + np.asarray(offset, "float32")[:, None, None]).astype("float32", copy=False)
+
+
+# ------------------------------------------------------------------------------ cloud mask
+
+
+def cloud_shadow_mask(img: np.ndarray, roles: tuple[str, ...] | list[str], *,
+                      res_m: float | None = None, dilate_px: int = 3,
+                      min_cloud_m2: float = 10_000.0, min_shadow_m2: float = 2_500.0,
+                      ) -> np.ndarray:
+    """True where ``img`` (reflectance, ``(bands, h, w)``) shows cloud or cloud shadow.
+
+    Conservative: few false alarms on clear land matter more than catching thin cloud.
+
+    - cloud: bright and flat across the visible bands; with NIR also unvegetated (NDVI < 0.1)
+      with NIR close to the visible level and visible mean > 0.4; without NIR only near-white
+      (> 0.8), very flat blobs. Blobs under ``min_cloud_m2`` (1 ha) are dropped: white roofs,
+      the very thing an enforcement run looks for, share a cloud's spectrum.
+    - shadow: dark in every band including NIR, with NIR ≥ 0.8 × green, so water (dark NIR but
+      brighter blue/green) and dark forest (bright NIR) are not taken; without NIR only
+      near-black blobs. Blobs under ``min_shadow_m2`` are dropped (building and tree shadows).
+
+    Areas are converted with ``res_m`` (pixel size in metres; default 1 m). Everything kept is
+    dilated by ``dilate_px``. NaN pixels are never flagged. Haze is left to the radiometric
+    normalisation: per-pixel haze tests (HOT) need the scene's clear line and, on real data,
+    flag grey surfaces and path radiance.
+    """
+    roles = tuple(roles)
+    h, w = img.shape[1:]
+    if not set(VISIBLE) <= set(roles):
+        return np.zeros((h, w), bool)
+    px_m2 = (res_m or 1.0) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        b, g, r = (img[roles.index(k)].astype("float32") for k in VISIBLE)
+        vis = (b + g + r) / 3
+        flat = (np.abs(b - vis) + np.abs(g - vis) + np.abs(r - vis)) / (3 * np.maximum(vis, 1e-6))
+        darkest = np.maximum(np.maximum(b, g), r)
+        if "nir" in roles:
+            n = img[roles.index("nir")].astype("float32")
+            ndvi = (n - r) / np.maximum(n + r, 1e-6)
+            cloud = ((vis > 0.4) & (flat < 0.1) & (b >= 0.9 * r) & (ndvi < 0.1)
+                     & (n > 0.7 * vis) & (n < 1.3 * vis))
+            shadow = (darkest < 0.07) & (vis < 0.06) & (n < 0.15) & (n >= 0.8 * g)
+        else:
+            cloud = (vis > 0.8) & (flat < 0.05) & (b >= 0.9 * r)
+            shadow = (darkest < 0.04) & (b >= 0.9 * r)
+    m = (_drop_small(cloud, max(4, round(min_cloud_m2 / px_m2)))
+         | _drop_small(shadow, max(4, round(min_shadow_m2 / px_m2))))
+    if dilate_px > 0 and m.any():
+        m = ndi.binary_dilation(m, structure=np.ones((3, 3), bool), iterations=dilate_px)
+    return m
+
+
+def _drop_small(m: np.ndarray, min_px: int) -> np.ndarray:
+    if min_px <= 1 or not m.any():
+        return m
+    lab, n = ndi.label(m)
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    big = sizes >= min_px
+    big[0] = False
+    return big[lab]
+
+
+# ---------------------------------------------------------------------------- orchestration
+
+
+@dataclass(frozen=True)
+class AlignParams:
+    """Global alignment of ``after`` to ``before`` on the working grid.
+
+    ``shift_px`` follows the module's sign convention; ``gain``/``offset`` map after's
+    reflectance onto before's, per band of ``roles`` (the roles both periods have).
+    """
+
+    shift_px: tuple[float, float] = (0.0, 0.0)
+    gain: tuple[float, ...] = field(default=())
+    offset: tuple[float, ...] = field(default=())
+    roles: tuple[str, ...] = ()
+    n_shift_windows: int = 0  # windows whose shift estimate was confident
+
+
+def common_roles(before: ImageSource, after: ImageSource) -> tuple[str, ...]:
+    """Band roles both periods have, in ``before``'s order."""
+    return tuple(r for r in before.roles if r in after.roles)
+
+
+def _select(arr: np.ndarray, src: ImageSource, roles: tuple[str, ...]) -> np.ndarray:
+    if src.roles == roles:
+        return arr
+    return arr[[src.roles.index(r) for r in roles]]
+
+
+def sample_windows(grid: Grid, size: int = 512, n_side: int = 3) -> list[Window]:
+    """Up to ``n_side``² windows of ``size`` px spread evenly over the grid."""
+    h, w = grid.shape
+    sh, sw = min(size, h), min(size, w)
+    rows = sorted({int(round((h - sh) * f)) for f in np.linspace(0.1, 0.9, n_side)})
+    cols = sorted({int(round((w - sw) * f)) for f in np.linspace(0.1, 0.9, n_side)})
+    return [Window(c, r, sw, sh) for r in rows for c in cols]
+
+
+def fit_alignment(before: ImageSource, after: ImageSource, grid: Grid, *, coregister: bool = True,
+                  normalize: bool = True, max_shift_px: float = 8.0,
+                  resampling: Resampling = "bilinear") -> AlignParams:
+    """Estimate the after→before shift (median over ≤ 9 full-resolution 512² windows) and the
+    radiometric gain/offset (on a ≤ 1024 px overview, shift applied, clouds excluded)."""
+    roles = common_roles(before, after)
+    vis = tuple(r for r in roles if r in VISIBLE) or roles
+    shift = (0.0, 0.0)
+    n_ok = 0
+    if coregister:
+        est: list[tuple[float, float]] = []
+        for win in sample_windows(grid):
+            a, va = read_block(before, grid, win, resampling=resampling)
+            b, vb = read_block(after, grid, win, resampling=resampling)
+            a, b = _select(a, before, roles), _select(b, after, roles)
+            v = va & vb & ~cloud_shadow_mask(a, roles, res_m=grid.res)
+            v &= ~cloud_shadow_mask(b, roles, res_m=grid.res)
+            ia = [roles.index(r) for r in vis]
+            dx, dy, ok = _shift_with_confidence(a[ia], b[ia], v, max_shift_px)
+            if ok:
+                est.append((dx, dy))
+        n_ok = len(est)
+        if est:
+            e = np.asarray(est)
+            shift = (float(np.median(e[:, 0])), float(np.median(e[:, 1])))
+    nb = len(roles)
+    gain, offset = np.ones(nb, "float32"), np.zeros(nb, "float32")
+    if normalize:
+        a, va, og = read_overview(before, grid)
+        b, vb, _ = read_overview(after, grid.shifted(*shift))
+        a, b = _select(a, before, roles), _select(b, after, roles)
+        v = va & vb & ~cloud_shadow_mask(a, roles, res_m=og.res, dilate_px=1)
+        v &= ~cloud_shadow_mask(b, roles, res_m=og.res, dilate_px=1)
+        gain, offset = estimate_radiometry(a, b, v)
+    return AlignParams(shift, tuple(map(float, gain)), tuple(map(float, offset)), roles, n_ok)
+
+
+def read_aligned_block(before: ImageSource, after: ImageSource, grid: Grid, window: Window,
+                       params: AlignParams, *, cloud_mask: bool = True,
+                       resampling: Resampling = "bilinear",
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Both periods on ``window``: ``(before, after, valid)`` in ``params.roles`` band order.
+
+    ``after`` is read with ``params.shift_px`` and normalised to ``before``'s radiometry;
+    ``valid`` is both valid and, with ``cloud_mask``, free of cloud/shadow/haze in either date.
+    """
+    roles = params.roles or common_roles(before, after)
+    a, va = read_block(before, grid, window, resampling=resampling)
+    b, vb = read_block(after, grid, window, resampling=resampling,
+                       shift_px=params.shift_px)
+    a, b = _select(a, before, roles), _select(b, after, roles)
+    if params.gain:
+        b = apply_radiometry(b, np.asarray(params.gain), np.asarray(params.offset))
+    valid = va & vb
+    if cloud_mask:
+        valid &= ~cloud_shadow_mask(a, roles, res_m=grid.res)
+        valid &= ~cloud_shadow_mask(b, roles, res_m=grid.res)
+    return a, b, valid

@@ -1,0 +1,350 @@
+"""Change evidence + rule layers -> violation categories, object by object.
+
+``rasterize_rules`` burns the GIS rule layers onto a (sub)grid; ``classify_block`` turns one
+block's detector evidence into a uint8 category raster and a per-object confidence.
+
+Objects. The change probability is thresholded with hysteresis (seeds at ``P_SEED`` grown into
+``P_GROW``) and split into 8-connected objects, cut along farmland parcel boundaries. Every decision is made per object from its mean
+evidence and its overlap with the rule layers, on the whole outer block (core + halo), using only
+fixed thresholds: an object that fits in the halo gets the same decision in every block that
+sees it, and nothing depends on block statistics.
+
+Decision (first match wins; ``f_role`` = fraction of the object on that rule layer):
+
+* mask leak: most of the object hugs the invalid (cloud/shadow/nodata) mask -> dropped.
+* illumination: every band scaled alike (low ``shape_score`` and ``ratio_spread``) by less
+  than 3x -> excluded as ``illumination`` (cloud shadow, terrain shading).
+* cloud-like (>= 1000 m², visible reflectance >= 0.45, flat, NDVI < 0.1): a cloud the mask
+  missed -> ``other_change`` (kept for review, never a violation).
+* after state darker than ``DARK`` (water, deep shadow) is never bare or built ground.
+* forest loss (``f_forest`` >= 0.5, vegetation before, vegetation lost): ``forest_grave`` when
+  its area <= ``categories['forest_grave'].max_area_m2``, excluded as ``cemetery`` when mostly in
+  a designated cemetery; a larger clearing is ``land_occupation``.
+* farmland / ecological red line (``f_farmland + f_redline`` >= 0.5): vegetated or stubble-like
+  after (NDVI 0.2..0.45, or no NIR and soil-coloured over >= 80 % of the farmland parcel), or
+  soil-coloured over >= 80 % of its parcel (ploughing) -> excluded as ``seasonal``; bare soil or
+  hardened/built ground -> ``land_occupation``.
+* elsewhere: a new, compact, non-vegetated, built-coloured surface (flat or blue-shifted spectrum,
+  or red-tile red) -> ``illegal_construction``.
+* mostly inside a permit (``f_permits`` >= 0.5): construction and occupation are excluded as
+  ``permit``.
+* anything else confidently changed -> ``other_change``.
+
+Confidence. ``conf = sigmoid(logit(p_mean) + GAIN * (2 * support - 1))`` where ``p_mean`` is
+the object's mean change probability and ``support`` in 0..1 says how clearly the spectral
+evidence fits the category (vegetation loss for graves, bareness for occupation, bareness times
+compactness for construction, 0.5 = neutral for other_change). Objects below
+``cfg.min_confidence`` are written as 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from typing import NamedTuple
+
+import geopandas as gpd
+import numpy as np
+from pyproj import CRS
+from rasterio import features
+from scipy import ndimage as ndi
+from shapely.geometry import box
+from skimage.filters import apply_hysteresis_threshold
+from skimage.measure import label
+
+from .config import CategoryConfig, DetectionConfig
+from .grid import Grid
+from .types import CATEGORY_CODES, NO_CHANGE, NOT_OBSERVED
+
+log = logging.getLogger(__name__)
+
+#: rule roles burnt by :func:`rasterize_rules` (bool masks)
+RULE_ROLES: tuple[str, ...] = ("forest", "farmland", "ecological_redline", "permits",
+                               "cemeteries", "water", "construction_land")
+#: int32 layer of farmland parcel ids (0 = none) added by :func:`rasterize_rules`
+PARCEL_KEY = "farmland_parcel"
+
+#: evidence layers averaged per object (over its seed pixels)
+SPECTRAL_KEYS: tuple[str, ...] = ("veg_before", "veg_after", "ndvi_before", "ndvi_after",
+                                  "bright_before", "bright_after", "chroma_blue_after",
+                                  "chroma_red_after", "shape_score", "ratio_spread")
+#: hysteresis on the change probability: seeds and growth
+P_SEED, P_GROW = 0.8, 0.4
+#: fraction of an object on a rule layer that assigns it to that layer
+MAJORITY = 0.5
+#: vegetation likelihood (0..1): "was vegetated" and "lost vegetation"
+VEG_BEFORE_MIN, VEG_LOSS_MIN = 0.5, 0.35
+#: after-state vegetated (change within farming) and NDVI band of stubble / fallow
+VEG_AFTER_GREEN = 0.5
+STUBBLE_NDVI = (0.2, 0.45)
+#: share of a farmland parcel an object must fill to count as a whole-field (seasonal) change
+PARCEL_FILL = 0.8
+#: visible chromaticity of built surfaces: blue share (flat/grey/blue roofs, concrete, asphalt)
+#: or red share (red tile) beyond that of soils (blue ~0.25, red ~0.43)
+BUILT_BLUE_SHARE, BUILT_RED_SHARE = 0.29, 0.48
+#: below this mean visible reflectance the after state is water or deep shadow, not ground
+DARK = 0.06
+#: an after state this bright and flat over this area is taken for a cloud the mask missed:
+#: reported as other_change (for review), never as a violation
+CLOUD_BRIGHT, CLOUD_MIN_M2 = 0.45, 1000.0
+#: illumination-only change: shape score (noise units) and spread of band log-ratios below
+#: these, and brightness changed by less than a factor of 3
+ILLUM_SHAPE, ILLUM_SPREAD, ILLUM_MAX_LOG_RATIO = 2.5, 0.25, math.log(3.0)
+#: objects mostly within this many metres of invalid pixels are mask leaks
+MASK_EDGE_M = 4.0
+#: gain of the spectral support in the confidence logistic
+GAIN = 1.5
+
+
+class BlockClassification(NamedTuple):
+    """Result of :func:`classify_block`."""
+
+    #: uint8 category codes (see :data:`pipeline.types.CATEGORY_CODES`, 0, 255)
+    category: np.ndarray
+    #: float32 per-object confidence 0..1 (0 where no violation / change)
+    confidence: np.ndarray
+    #: excluded objects by reason (``permit``, ``cemetery``, ``seasonal``, ``illumination``,
+    #: ``mask_edge``)
+    excluded: Counter[str]
+
+
+def rasterize_rules(rules: dict[str, gpd.GeoDataFrame | None], grid: Grid) -> dict[str, np.ndarray]:
+    """Burn rule layers onto ``grid``: one bool mask per role (all False for an empty layer).
+
+    Pixels are in a polygon when their centre is (``all_touched=False``). Layers in another CRS
+    are reprojected to the grid's. When ``farmland`` is given, an int32 :data:`PARCEL_KEY` layer
+    numbers its parcels (row index + 1) so whole-field changes can be told from partial ones.
+    """
+    out: dict[str, np.ndarray] = {}
+    for role, gdf in rules.items():
+        ids = _burn(gdf, grid, ids=role == "farmland")
+        out[role] = ids > 0
+        if role == "farmland":
+            out[PARCEL_KEY] = ids
+    return out
+
+
+def _burn(gdf: gpd.GeoDataFrame | None, grid: Grid, *, ids: bool) -> np.ndarray:
+    shape = grid.shape
+    if gdf is None or len(gdf) == 0:
+        return np.zeros(shape, np.int32)
+    if gdf.crs is not None and grid.crs is not None:
+        target = CRS.from_user_input(getattr(grid.crs, "to_wkt", lambda: grid.crs)())
+        if not target.equals(gdf.crs):
+            gdf = gdf.to_crs(target)
+    geoms = gdf.geometry.reset_index(drop=True)
+    hits = geoms.sindex.query(box(*grid.bounds), predicate="intersects")
+    shapes = [(geoms.iloc[i], int(i) + 1 if ids else 1) for i in sorted(hits)
+              if geoms.iloc[i] is not None and not geoms.iloc[i].is_empty]
+    if not shapes:
+        return np.zeros(shape, np.int32)
+    return features.rasterize(shapes, out_shape=shape, transform=grid.transform, fill=0,
+                              all_touched=False, dtype="int32")
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-4), 1 - 1e-4)
+    return math.log(p / (1 - p))
+
+
+def _confidence(p_mean: float, support: float) -> float:
+    return 1.0 / (1.0 + math.exp(-(_logit(p_mean) + GAIN * (2.0 * support - 1.0))))
+
+
+def _means(lab: np.ndarray, n: int, layer: np.ndarray | None) -> np.ndarray:
+    """Per-object nan-aware mean of ``layer`` (NaN where the object has no finite value)."""
+    if layer is None:
+        return np.full(n + 1, np.nan)
+    v = layer.astype(np.float64).ravel()
+    ok = np.isfinite(v)
+    s = np.bincount(lab.ravel()[ok], v[ok], minlength=n + 1)
+    c = np.bincount(lab.ravel()[ok], minlength=n + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(c > 0, s / np.maximum(c, 1), np.nan)
+
+
+def _parcel_fill(lab: np.ndarray, n: int, parcel: np.ndarray | None) -> np.ndarray:
+    """Per object: largest share of one farmland parcel (in this block) that it covers."""
+    fill = np.zeros(n + 1)
+    if parcel is None:
+        return fill
+    parcel = parcel.astype(np.int64)
+    psize = np.bincount(parcel.ravel())
+    m = (lab > 0) & (parcel > 0)
+    if not m.any():
+        return fill
+    pair = lab[m].astype(np.int64) * (int(parcel.max()) + 1) + parcel[m]
+    keys, counts = np.unique(pair, return_counts=True)
+    obj, pid = keys // (int(parcel.max()) + 1), keys % (int(parcel.max()) + 1)
+    share = counts / psize[pid]
+    np.maximum.at(fill, obj, share)
+    return fill
+
+
+def _object_features(ev: dict[str, np.ndarray], masks: dict[str, np.ndarray], valid: np.ndarray,
+                     lab: np.ndarray, n: int, res_m: float) -> dict[str, np.ndarray]:
+    """Per-object (index = label) means of evidence and fractions on each rule layer."""
+    f: dict[str, np.ndarray] = {"n": np.bincount(lab.ravel(), minlength=n + 1).astype(float)}
+    f["change"] = _means(lab, n, ev["change"])
+    # spectral states from the confidently changed pixels: the grown rim mixes in the surround
+    seed = np.where(ev["change"] >= P_SEED, lab, 0)
+    for key in SPECTRAL_KEYS:
+        f[key] = _means(seed, n, ev.get(key))
+    for role in RULE_ROLES:
+        m = masks.get(role)
+        f[f"f_{role}"] = (np.zeros(n + 1) if m is None
+                          else np.nan_to_num(_means(lab, n, m.astype(np.float32))))
+    f["fill"] = _parcel_fill(lab, n, masks.get(PARCEL_KEY))
+    k = max(1, round(MASK_EDGE_M / res_m))
+    near = ndi.binary_dilation(~valid, iterations=k) & valid
+    f["f_edge"] = np.nan_to_num(_means(lab, n, near.astype(np.float32)))
+    core = ndi.binary_erosion(lab > 0, structure=np.ones((3, 3), bool))
+    f["core"] = np.nan_to_num(_means(lab, n, (core & (lab > 0)).astype(np.float32)))
+    return f
+
+
+def _illumination(g: dict[str, float]) -> bool:
+    """All bands scaled alike, no change of material: shadow or illumination, not change."""
+    shape, spread = g.get("shape_score", math.nan), g.get("ratio_spread", math.nan)
+    if not (math.isfinite(shape) and math.isfinite(spread)):
+        return False
+    bb, ba = g["bright_before"], g["bright_after"]
+    ratio = abs(math.log(max(ba, 1e-3) / max(bb, 1e-3)))
+    return shape < ILLUM_SHAPE and spread < ILLUM_SPREAD and ratio < ILLUM_MAX_LOG_RATIO
+
+
+def _cloud_like(g: dict[str, float], area_m2: float) -> bool:
+    """A large, very bright, spectrally flat, unvegetated after state: an unmasked cloud."""
+    flat = abs(g["chroma_blue_after"] - 1 / 3) < 0.04 and abs(g["chroma_red_after"] - 1 / 3) < 0.04
+    unvegetated = not g["ndvi_after"] >= 0.1  # NaN (no NIR) counts as unvegetated
+    return (area_m2 >= CLOUD_MIN_M2 and g["bright_after"] >= CLOUD_BRIGHT and flat
+            and unvegetated)
+
+
+def _decide(f: dict[str, np.ndarray], i: int, *, res_m: float,
+            categories: dict[str, CategoryConfig]) -> tuple[str, float]:
+    """Category (or ``excluded:<reason>``/``none``) and spectral support for object ``i``."""
+    g = {k: float(v[i]) for k, v in f.items()}
+    area = g["n"] * res_m * res_m
+    if g["f_edge"] >= 0.5:
+        return "excluded:mask_edge", 0.0
+    if _illumination(g):
+        return "excluded:illumination", 0.0
+    vb, va = g["veg_before"], g["veg_after"]
+    na = g["ndvi_after"]
+    has_nir = math.isfinite(na)
+    if _cloud_like(g, area):
+        return "other_change", 0.2
+    surface = not g["bright_after"] < DARK  # False for water, deep shadow (NaN: unknown)
+    built = surface and (g["chroma_blue_after"] >= BUILT_BLUE_SHARE
+                         or g["chroma_red_after"] >= BUILT_RED_SHARE)
+    bare = surface and va < 0.3
+    permit = g["f_permits"] >= MAJORITY
+    lost = vb >= VEG_BEFORE_MIN and vb - va >= VEG_LOSS_MIN
+    bareness = min(1.0, max(0.0, 1.0 - va))
+
+    if g["f_forest"] >= MAJORITY and lost:
+        cap = categories["forest_grave"].max_area_m2 if "forest_grave" in categories else None
+        if cap is None or area <= cap:
+            if g["f_cemeteries"] >= MAJORITY:
+                return "excluded:cemetery", 0.0
+            return "forest_grave", min(1.0, (vb - va) / 0.7)
+        return ("excluded:permit", 0.0) if permit else ("land_occupation", bareness)
+    if g["f_farmland"] + g["f_ecological_redline"] >= MAJORITY:
+        stubble = has_nir and STUBBLE_NDVI[0] <= na <= STUBBLE_NDVI[1]
+        whole = g["fill"] >= PARCEL_FILL and not built
+        if va >= VEG_AFTER_GREEN or stubble or whole:
+            return "excluded:seasonal", 0.0
+        if bare or built:
+            if permit:
+                return "excluded:permit", 0.0
+            return "land_occupation", bareness * (1.0 - 0.5 * g["fill"])
+        return "other_change", 0.5
+    if bare and built and vb - va >= -0.1:
+        if permit:
+            return "excluded:permit", 0.0
+        compact = min(1.0, g["core"] / 0.3)
+        if compact >= 0.5:
+            return "illegal_construction", bareness * compact
+    return "other_change", 0.5
+
+
+def classify_block(evidence: dict[str, np.ndarray], rule_masks: dict[str, np.ndarray],
+                   valid: np.ndarray, *, res_m: float, cfg: DetectionConfig,
+                   categories: dict[str, CategoryConfig],
+                   core: tuple[slice, slice] | None = None) -> BlockClassification:
+    """Classify one block (core + halo) of detector evidence into violation categories.
+
+    Args:
+        evidence: detector layers (``change`` and the spectral evidence), ``(h, w)`` each.
+        rule_masks: from :func:`rasterize_rules` on the same (sub)grid; missing roles = none.
+        valid: True where both dates observed clear ground; 255 is written elsewhere.
+        res_m: pixel size in metres (object areas).
+        cfg: detection settings (``min_confidence``).
+        categories: per-category settings (``forest_grave.max_area_m2``, ``min_area_m2``).
+        core: slices of the block's core; excluded objects are counted only when their first
+            pixel lies there, so summing counts over blocks counts each object once.
+
+    Returns:
+        :class:`BlockClassification` ``(category, confidence, excluded)``.
+    """
+    valid = valid.astype(bool)
+    p = np.where(valid, np.nan_to_num(evidence["change"].astype(np.float32)), 0.0)
+    mask = apply_hysteresis_threshold(p, P_GROW, P_SEED) & valid
+    lab, n = label(mask, connectivity=2, return_num=True)
+    if n and rule_masks.get(PARCEL_KEY) is not None:
+        lab, n = _split_by_parcel(lab, rule_masks[PARCEL_KEY])
+    cat = np.full(valid.shape, NO_CHANGE, np.uint8)
+    conf = np.zeros(valid.shape, np.float32)
+    excluded: Counter[str] = Counter()
+    if n:
+        f = _object_features(evidence, rule_masks, valid, lab, n, res_m)
+        min_px = min(c.min_area_m2 for c in categories.values()) / (res_m * res_m)
+        anchors = _anchors(lab, n)
+        codes = np.zeros(n + 1, np.uint8)
+        confs = np.zeros(n + 1, np.float32)
+        for i in range(1, n + 1):
+            if f["n"][i] < min_px:
+                continue
+            name, support = _decide(f, i, res_m=res_m, categories=categories)
+            if name.startswith("excluded:"):
+                if core is None or _in_core(anchors[i], core):
+                    excluded[name.split(":", 1)[1]] += 1
+                continue
+            c = _confidence(float(f["change"][i]), support)
+            if c < cfg.min_confidence:
+                continue
+            codes[i], confs[i] = CATEGORY_CODES[name], c
+        cat, conf = codes[lab], confs[lab]
+    cat[~valid] = NOT_OBSERVED
+    conf[~valid] = 0.0
+    return BlockClassification(cat, conf.astype(np.float32), excluded)
+
+
+def _split_by_parcel(lab: np.ndarray, parcel: np.ndarray) -> tuple[np.ndarray, int]:
+    """Cut objects along farmland parcel boundaries: seasonal farming is judged per parcel."""
+    key = lab.astype(np.int64) * (int(parcel.max()) + 1) + parcel.astype(np.int64)
+    key[lab == 0] = 0
+    uniq, inv = np.unique(key, return_inverse=True)
+    out = inv.reshape(lab.shape).astype(np.int32)
+    if uniq[0] != 0:  # no background in this block
+        out += 1
+    return out, int(out.max())
+
+
+def _anchors(lab: np.ndarray, n: int) -> np.ndarray:
+    """(row, col) of each object's first pixel in raster order."""
+    flat = lab.ravel()
+    order = np.flatnonzero(flat)
+    first = np.full(n + 1, -1, np.int64)
+    # reversed assignment leaves the smallest index per label
+    first[flat[order[::-1]]] = order[::-1]
+    return np.stack(np.unravel_index(np.maximum(first, 0), lab.shape), axis=1)
+
+
+def _in_core(rc: np.ndarray, core: tuple[slice, slice]) -> bool:
+    r, c = int(rc[0]), int(rc[1])
+    rs, cs = core
+    return (rs.start or 0) <= r < (rs.stop if rs.stop is not None else r + 1) and \
+        (cs.start or 0) <= c < (cs.stop if cs.stop is not None else c + 1)

@@ -1,0 +1,60 @@
+"""Change detectors selected by name: ``"spectral"``, ``"learned"`` and ``"auto"``."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import ConfigError
+from .base import ChangeDetector
+from .spectral import SpectralDetector
+
+log = logging.getLogger(__name__)
+
+#: names accepted by :func:`get_detector` ("cva" is the spectral detector's change vector)
+DETECTORS: tuple[str, ...] = ("auto", "spectral", "cva", "learned")
+
+
+def _learned(roles: tuple[str, ...], res_m: float) -> ChangeDetector | None:
+    """The learned detector for these bands, or None when it or its model is unavailable."""
+    try:
+        mod: Any = importlib.import_module("pipeline.detect.learned")
+    except Exception as err:  # noqa: BLE001 - any import failure means "not available"
+        log.debug("learned detector unavailable: %s", err)
+        return None
+    try:
+        has = getattr(mod, "has_model", None)
+        if callable(has) and not has(roles, res_m):
+            return None
+        factory = getattr(mod, "load_detector", None) or getattr(mod, "LearnedDetector", None)
+        if factory is None:
+            return None
+        det = factory(roles=roles, res_m=res_m)
+    except Exception as err:  # noqa: BLE001 - missing/invalid model: fall back
+        log.info("learned detector has no usable model for bands %s: %s", roles, err)
+        return None
+    return det if det is not None and callable(det) and hasattr(det, "halo") else None
+
+
+def get_detector(name: str, roles: Sequence[str], res_m: float, *,
+                 threshold: float | None = None) -> ChangeDetector:
+    """Detector ``name`` for these band roles and pixel size.
+
+    ``"auto"`` picks the learned detector when :mod:`pipeline.detect.learned` exists and has a
+    model for these bands, else the spectral one. ``threshold`` (noise units) applies to the
+    spectral detector. Unknown names raise :class:`~pipeline.errors.ConfigError`.
+    """
+    roles = tuple(roles)
+    key = name.strip().lower()
+    if key not in DETECTORS:
+        raise ConfigError(f"unknown detection method {name!r}; use one of {', '.join(DETECTORS)}")
+    if key in ("auto", "learned"):
+        det = _learned(roles, res_m)
+        if det is not None:
+            return det
+        if key == "learned":
+            raise ConfigError(f"detection method 'learned' has no model for bands {roles}; "
+                              "use method: spectral or auto")
+    return SpectralDetector(res_m, threshold=threshold)

@@ -1,0 +1,560 @@
+"""The only writer of results: GeoJSON, GeoPackage, COG, tasks.csv, evidence PNGs, report, manifest.
+
+Each ``write_*`` function writes one file atomically (temp file, fsync, rename).
+:func:`export_all` writes everything into a staging folder next to ``outdir`` and moves the files
+in only when all of them were written, manifest last, so a failed export leaves ``outdir`` as it
+was.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import logging
+import math
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from xml.sax.saxutils import escape as xml_escape
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyogrio
+import rasterio
+import rasterio.shutil
+import shapely
+from PIL import Image, ImageDraw, ImageFont
+from rasterio.warp import transform_bounds
+
+from . import report as report_mod
+from .atomic import atomic_open, atomic_write, staging_dir
+from .errors import InputError, TubanError, TubanWarning
+from .report import CATEGORY_COLORS
+from .track import empty_register, issued, match
+from .types import CATEGORY_CODES, CATEGORY_ZH, MU_M2, NOT_OBSERVED, BBox
+
+if TYPE_CHECKING:
+    from .config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+#: Returns an RGB uint8 ``(h, w, 3)`` chip (already stretched) for bounds in the working CRS.
+ChipReader = Callable[[BBox], np.ndarray]
+
+#: Patch-record fields in output order (extra columns follow).
+PATCH_FIELDS: tuple[str, ...] = (
+    "patch_id", "category", "category_zh", "confidence", "area_m2", "area_mu", "centroid_lon",
+    "centroid_lat", "admin_code", "admin_name", "forest_m2", "farmland_m2",
+    "ecological_redline_m2", "permits_m2", "cemeteries_m2", "before_date", "after_date",
+    "sensor", "resolution_m", "run_id", "first_seen", "status", "evidence", "ndvi_before",
+    "ndvi_after", "bright_before", "bright_after")
+
+#: tasks.csv columns: (field, Chinese header); the header cell is ``"<中文> <field>"``.
+TASK_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("seq", "序号"), ("patch_id", "图斑编号"), ("admin_name", "街道"), ("admin_code", "街道代码"),
+    ("category_zh", "类别"), ("category", "类别代码"), ("priority", "优先级"),
+    ("area_mu", "面积(亩)"), ("area_m2", "面积(平方米)"), ("confidence", "置信度"),
+    ("centroid_lon", "经度"), ("centroid_lat", "纬度"), ("status", "状态"),
+    ("first_seen", "首次发现"), ("before_date", "前时相"), ("after_date", "后时相"),
+    ("evidence", "证据图"))
+DEFAULT_PRIORITIES: dict[str, int] = {"illegal_construction": 1, "forest_grave": 1,
+                                      "land_occupation": 2, "other_change": 4}
+_COORD_DECIMALS = 7
+_OUTLINE = (255, 255, 0)
+
+
+# --------------------------------------------------------------------------- values
+
+
+def jsonable(value: Any) -> Any:
+    """A JSON-safe Python value: NaN/inf/NA -> None, numpy -> Python, dates -> ISO strings."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dt.datetime | dt.date | pd.Timestamp):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | np.ndarray):
+        return [jsonable(v) for v in value]
+    if isinstance(value, str | int | bool):
+        return value
+    return str(value)
+
+
+def _ordered_columns(df: pd.DataFrame) -> list[str]:
+    geom = df.geometry.name if isinstance(df, gpd.GeoDataFrame) else "geometry"
+    cols = [c for c in PATCH_FIELDS if c in df.columns]
+    return cols + [c for c in df.columns if c not in cols and c != geom]
+
+
+# --------------------------------------------------------------------------- GeoJSON / GPKG
+
+
+def _round_coords(coords: Any) -> Any:
+    if isinstance(coords[0], int | float):
+        return [round(float(c), _COORD_DECIMALS) for c in coords]
+    return [_round_coords(c) for c in coords]
+
+
+def to_rfc7946(patches: gpd.GeoDataFrame) -> dict[str, Any]:
+    """The patches as an RFC 7946 FeatureCollection (lon/lat, CCW outer rings, no ``crs``).
+
+    Args:
+        patches: Patch table with a CRS (any; reprojected to EPSG:4326).
+
+    Returns:
+        A JSON-ready dict; properties follow :data:`PATCH_FIELDS` and NaN becomes null.
+    """
+    if patches.crs is None:
+        raise InputError("patches have no CRS; set the working CRS before export")
+    wgs = patches.to_crs(4326) if len(patches) else patches.set_crs(4326, allow_override=True)
+    geoms = shapely.orient_polygons(np.asarray(wgs.geometry.values), exterior_cw=False)
+    cols = _ordered_columns(patches)
+    records = pd.DataFrame(patches[cols]).to_dict("records")
+    feats = []
+    for rec, geom in zip(records, geoms, strict=True):
+        gj = None
+        if geom is not None and not geom.is_empty:
+            m = shapely.geometry.mapping(geom)
+            gj = {"type": m["type"], "coordinates": _round_coords(m["coordinates"])}
+        props = {k: jsonable(v) for k, v in rec.items()}
+        feat: dict[str, Any] = {"type": "Feature"}
+        if props.get("patch_id") is not None:
+            feat["id"] = props["patch_id"]
+        feat.update(geometry=gj, properties=props)
+        feats.append(feat)
+    fc: dict[str, Any] = {"type": "FeatureCollection"}
+    if len(wgs):
+        fc["bbox"] = [round(float(v), _COORD_DECIMALS) for v in wgs.total_bounds]
+    fc["features"] = feats
+    return fc
+
+
+def write_geojson(patches: gpd.GeoDataFrame, path: str | Path) -> dict[str, Any]:
+    """Write ``patches.geojson`` (RFC 7946, UTF-8, Chinese unescaped).
+
+    Returns:
+        The FeatureCollection written (reused by the report).
+    """
+    fc = to_rfc7946(patches)
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(fc, f, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        f.write("\n")
+    return fc
+
+
+def write_gpkg(patches: gpd.GeoDataFrame, path: str | Path, layer: str = "patches") -> None:
+    """Write the patches in the working CRS to a GeoPackage layer (MultiPolygon)."""
+    df = gpd.GeoDataFrame(patches[[*_ordered_columns(patches), patches.geometry.name]],
+                          geometry=patches.geometry.name, crs=patches.crs)
+    with atomic_write(path) as tmp:
+        pyogrio.write_dataframe(df, tmp, layer=layer, driver="GPKG",
+                                geometry_type="MultiPolygon", promote_to_multi=True)
+
+
+# --------------------------------------------------------------------------- COG
+
+
+def _category_vrt(src: rasterio.DatasetReader, src_path: Path) -> str:
+    """VRT XML over ``src`` adding nodata 255, the category colour table and code names."""
+    entries = []
+    for code in range(256):
+        cat = next((c for c, v in CATEGORY_CODES.items() if v == code), None)
+        r, g, b = CATEGORY_COLORS[cat] if cat else (0, 0, 0)
+        entries.append(f'<Entry c1="{r}" c2="{g}" c3="{b}" c4="{255 if cat else 0}"/>')
+    mdi = "".join(f'<MDI key="CATEGORY_{v}">{k}</MDI>' for k, v in CATEGORY_CODES.items())
+    mdi += '<MDI key="CATEGORY_0">no_change</MDI><MDI key="CATEGORY_255">not_observed</MDI>'
+    gt = ", ".join(repr(float(v)) for v in src.transform.to_gdal())
+    srs = f"<SRS>{xml_escape(src.crs.to_wkt())}</SRS>" if src.crs else ""
+    return (f'<VRTDataset rasterXSize="{src.width}" rasterYSize="{src.height}">{srs}'
+            f"<GeoTransform>{gt}</GeoTransform><Metadata>{mdi}</Metadata>"
+            '<VRTRasterBand dataType="Byte" band="1"><Description>category</Description>'
+            f"<NoDataValue>{NOT_OBSERVED}</NoDataValue><ColorInterp>Palette</ColorInterp>"
+            f"<ColorTable>{''.join(entries)}</ColorTable><SimpleSource>"
+            f'<SourceFilename relativeToVRT="0">{xml_escape(str(src_path))}</SourceFilename>'
+            "<SourceBand>1</SourceBand></SimpleSource></VRTRasterBand></VRTDataset>")
+
+
+def write_cog(src_tif: str | Path, path: str | Path, *, blocksize: int = 512) -> None:
+    """Convert the category GeoTIFF (uint8, 1 band) into a Cloud-Optimized GeoTIFF.
+
+    Adds nodata 255, a colour table for the category codes and mode-resampled overviews.
+
+    Args:
+        src_tif: The tiled GeoTIFF written by the block stage.
+        path: Destination (``change.tif``).
+        blocksize: Tile size in pixels (overviews are built down to one tile).
+
+    Raises:
+        InputError: ``src_tif`` is not a single-band uint8 raster.
+    """
+    src_tif = Path(src_tif).resolve()
+    with rasterio.open(src_tif) as src:
+        if src.count != 1 or src.dtypes[0] != "uint8":
+            raise InputError(f"{src_tif}: expected a 1-band uint8 category raster, got "
+                             f"{src.count} band(s) of {src.dtypes[0]}; rerun the classify stage")
+        vrt_xml = _category_vrt(src, src_tif)
+    with tempfile.TemporaryDirectory(prefix="tuban-cog-") as td, atomic_write(path) as tmp:
+        vrt = Path(td) / "category.vrt"
+        vrt.write_text(vrt_xml, encoding="utf-8")
+        rasterio.shutil.copy(str(vrt), str(tmp), driver="COG", COMPRESS="DEFLATE",
+                             BLOCKSIZE=str(blocksize), OVERVIEW_RESAMPLING="MODE",
+                             NUM_THREADS="ALL_CPUS", BIGTIFF="IF_SAFER")
+
+
+# --------------------------------------------------------------------------- tasks.csv
+
+
+def task_rows(patches: pd.DataFrame, priorities: Mapping[str, int] | None = None,
+              ) -> list[dict[str, Any]]:
+    """The patches to verify, grouped by street office and sorted by priority (pure).
+
+    Violations only, with status new, grown or reappeared (all violations when there is no
+    ``status`` column). Street offices in code order (unassigned last); within one, by
+    priority (1 first), confidence desc, area desc, then ``patch_id``.
+
+    Returns:
+        One dict per row with the keys of :data:`TASK_COLUMNS`.
+    """
+    prio = {**DEFAULT_PRIORITIES, **(priorities or {})}
+    df = pd.DataFrame(patches.drop(columns="geometry", errors="ignore"))
+    df = df[issued(df)].copy()
+    for c, _ in TASK_COLUMNS:
+        if c not in df:
+            df[c] = None
+    df["priority"] = df["category"].map(prio).fillna(9).astype(int)
+    code = df["admin_code"].astype(object).where(df["admin_code"].notna(), None)
+    df["_no_admin"] = code.map(lambda v: v is None or str(v).strip() == "")
+    df["_code"] = code.map(lambda v: "" if v is None else str(v))
+    df["_conf"] = pd.to_numeric(df["confidence"], errors="coerce").fillna(-1.0)
+    df["_area"] = pd.to_numeric(df["area_m2"], errors="coerce").fillna(0.0)
+    df = df.sort_values(["_no_admin", "_code", "priority", "_conf", "_area", "patch_id"],
+                        ascending=[True, True, True, False, False, True], kind="mergesort")
+    rows = []
+    for seq, rec in enumerate(df.to_dict("records"), start=1):
+        row = {c: jsonable(rec.get(c)) for c, _ in TASK_COLUMNS}
+        row["seq"] = seq
+        row["category_zh"] = row["category_zh"] or CATEGORY_ZH.get(str(rec["category"]))
+        area = row["area_m2"]
+        row["area_mu"] = round(area / MU_M2, 2) if area is not None else None
+        for key, nd in (("area_m2", 1), ("confidence", 3), ("centroid_lon", 6),
+                        ("centroid_lat", 6)):
+            if isinstance(row[key], float):
+                row[key] = round(row[key], nd)
+        rows.append(row)
+    return rows
+
+
+def write_tasks_csv(patches: pd.DataFrame, path: str | Path,
+                    priorities: Mapping[str, int] | None = None) -> int:
+    """Write ``tasks.csv`` (UTF-8 with BOM, CRLF, bilingual headers) for field verification.
+
+    Returns:
+        The number of task rows.
+    """
+    rows = task_rows(patches, priorities)
+    with atomic_open(path, "w", encoding="utf-8-sig", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([f"{zh} {key}" for key, zh in TASK_COLUMNS])
+        for row in rows:
+            w.writerow(["" if row[k] is None else row[k] for k, _ in TASK_COLUMNS])
+    return len(rows)
+
+
+# --------------------------------------------------------------------------- evidence
+
+
+def stretch_rgb(arr: np.ndarray, valid: np.ndarray | None = None,
+                percentiles: tuple[float, float] = (2.0, 98.0)) -> np.ndarray:
+    """Per-band percentile stretch of a ``(3, h, w)`` array to an ``(h, w, 3)`` uint8 image.
+
+    Args:
+        arr: Bands first (rasterio order), any numeric dtype.
+        valid: Bool ``(h, w)``; invalid pixels are ignored for the stretch and set to 0.
+        percentiles: Low and high percentiles mapped to 0 and 255.
+
+    Returns:
+        The stretched RGB image.
+    """
+    a = np.asarray(arr, dtype="float64")
+    if a.ndim != 3 or a.shape[0] != 3:
+        raise ValueError(f"stretch_rgb expects a (3, h, w) array, got shape {a.shape}")
+    ok = np.isfinite(a).all(axis=0)
+    if valid is not None:
+        ok &= np.asarray(valid, dtype=bool)
+    out = np.zeros((a.shape[1], a.shape[2], 3), dtype=np.uint8)
+    if not ok.any():
+        return out
+    for b in range(3):
+        lo, hi = np.percentile(a[b][ok], percentiles)
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        band = np.clip((a[b] - lo) * scale, 0, 255) if scale else np.full(ok.shape, 128.0)
+        out[..., b] = np.where(ok, np.round(band), 0).astype(np.uint8)
+    return out
+
+
+def chip_bounds(geom: shapely.Geometry, *, min_size_m: float = 50.0,
+                context: float = 1.6) -> BBox:
+    """Square bounds centred on ``geom``: ``context`` x its larger side, at least ``min_size_m``."""
+    x0, y0, x1, y1 = geom.bounds
+    half = max(max(x1 - x0, y1 - y0) * context, min_size_m) / 2
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return (cx - half, cy - half, cx + half, cy + half)
+
+
+def _to_pixels(coords: np.ndarray, bounds: BBox, size: tuple[int, int],
+               ) -> list[tuple[float, float]]:
+    x0, y0, x1, y1 = bounds
+    w, h = size
+    px = (coords[:, 0] - x0) / (x1 - x0) * w
+    py = (y1 - coords[:, 1]) / (y1 - y0) * h
+    return list(zip(px.tolist(), py.tolist(), strict=True))
+
+
+def draw_outline(img: Image.Image, geom: shapely.Geometry, bounds: BBox, *,
+                 color: tuple[int, int, int] = _OUTLINE, width: int = 2) -> Image.Image:
+    """Draw the rings of ``geom`` (working CRS) on ``img``, which covers ``bounds``.
+
+    A dark halo under the line keeps it visible on bright ground. Draws in place.
+
+    Returns:
+        ``img``.
+    """
+    draw = ImageDraw.Draw(img)
+    polys = getattr(geom, "geoms", [geom])
+    rings = [r for p in polys if p.geom_type == "Polygon"
+             for r in (p.exterior, *p.interiors)]
+    for col, wd in (((0, 0, 0), width + 2), (color, width)):
+        for ring in rings:
+            pts = _to_pixels(np.asarray(ring.coords), bounds, img.size)
+            if len(pts) >= 2:
+                draw.line(pts, fill=col, width=wd, joint="curve")
+    return img
+
+
+_CJK_FONTS = ("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+              "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+              "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
+              "C:/Windows/Fonts/msyh.ttc", "/System/Library/Fonts/PingFang.ttc")
+
+
+def _font(size: int) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, bool]:
+    """A font, and whether it can render Chinese."""
+    for p in _CJK_FONTS:
+        if Path(p).exists():
+            try:
+                return ImageFont.truetype(p, size), True
+            except OSError:
+                continue
+    return ImageFont.load_default(size=size), False
+
+
+def _panel(chip: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    a = np.asarray(chip)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
+        raise ValueError(f"evidence chips must be (h, w, 3) uint8 RGB, got {a.shape} {a.dtype}")
+    return Image.fromarray(a, "RGB").resize(size, Image.Resampling.BILINEAR)
+
+
+def write_evidence(patch: Mapping[str, Any], before_chip: np.ndarray, after_chip: np.ndarray,
+                   path: str | Path, *, bounds: BBox, panel_px: int = 256) -> None:
+    """Write a before|after PNG with the patch outline on both and a caption strip.
+
+    Args:
+        patch: The patch record with ``geometry`` in the working CRS (a GeoDataFrame row).
+        before_chip: RGB uint8 ``(h, w, 3)`` covering ``bounds`` on the before date.
+        after_chip: The same on the after date.
+        path: Destination PNG.
+        bounds: The chips' bounds in the working CRS (see :func:`chip_bounds`).
+        panel_px: Width of each panel in pixels.
+    """
+    x0, y0, x1, y1 = bounds
+    ph = max(1, round(panel_px * (y1 - y0) / (x1 - x0)))
+    gap, strip = 4, 44
+    font, cjk = _font(13)
+    img = Image.new("RGB", (2 * panel_px + gap, ph + strip), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for i, (chip, label, date) in enumerate(((before_chip, "BEFORE", patch.get("before_date")),
+                                             (after_chip, "AFTER", patch.get("after_date")))):
+        panel = draw_outline(_panel(chip, (panel_px, ph)), patch["geometry"], bounds)
+        pdraw = ImageDraw.Draw(panel)
+        text = f"{label} {jsonable(date) or ''}".strip()
+        pdraw.rectangle(pdraw.textbbox((4, 3), text, font=font), fill=(0, 0, 0))
+        pdraw.text((4, 3), text, fill=(255, 255, 255), font=font)
+        img.paste(panel, (i * (panel_px + gap), 0))
+    cat = str(patch.get("category", ""))
+    cat_txt = f"{patch.get('category_zh') or CATEGORY_ZH.get(cat, '')} {cat}" if cjk else cat
+    area = jsonable(patch.get("area_m2"))
+    conf = jsonable(patch.get("confidence"))
+    line1 = f"{patch.get('patch_id', '')}   {cat_txt}   {patch.get('status', '') or ''}"
+    line2 = (f"{'' if area is None else f'{area:,.0f} m2'}"
+             f"{'' if conf is None else f'   confidence {conf:.2f}'}"
+             f"   {jsonable(patch.get('before_date')) or '?'} -> "
+             f"{jsonable(patch.get('after_date')) or '?'}")
+    draw.text((6, ph + 5), line1, fill=(0, 0, 0), font=font)
+    draw.text((6, ph + 24), line2, fill=(60, 60, 60), font=font)
+    with atomic_write(path) as tmp:
+        img.save(tmp, format="PNG", optimize=True)
+
+
+def _write_all_evidence(patches: gpd.GeoDataFrame, folder: Path, before: ChipReader,
+                        after: ChipReader, *, min_size_m: float, panel_px: int) -> list[Any]:
+    """Evidence for every patch; returns the relative paths (None where a chip failed)."""
+    rel: list[Any] = []
+    for rec in patches.to_dict("records"):
+        pid = str(rec["patch_id"])
+        b = chip_bounds(rec["geometry"], min_size_m=min_size_m)
+        try:
+            chips = before(b), after(b)
+        except (TubanError, OSError, ValueError) as err:
+            warnings.warn(f"{pid}: no evidence chip ({err})", TubanWarning, stacklevel=2)
+            rel.append(None)
+            continue
+        write_evidence(rec, *chips, folder / f"{pid}.png", bounds=b, panel_px=panel_px)
+        rel.append(f"evidence/{pid}.png")
+    return rel
+
+
+# --------------------------------------------------------------------------- manifest/report
+
+
+def write_manifest(manifest: Mapping[str, Any], path: str | Path) -> None:
+    """Write ``run.json`` (pretty, UTF-8, NaN -> null)."""
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(jsonable(manifest), f, ensure_ascii=False, indent=2, allow_nan=False)
+        f.write("\n")
+
+
+def write_report(patches: gpd.GeoDataFrame, geojson: Mapping[str, Any], meta: Mapping[str, Any],
+                 path: str | Path) -> dict[str, Any]:
+    """Write ``report.html``; returns the summary."""
+    summary = report_mod.summarize(patches)
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(report_mod.render_html(summary, geojson, meta))
+    return summary
+
+
+def _first(patches: pd.DataFrame, col: str) -> Any:
+    if col not in patches or not len(patches):
+        return None
+    s = patches[col].dropna()
+    return jsonable(s.iloc[0]) if len(s) else None
+
+
+def _ensure_ids(patches: gpd.GeoDataFrame, run_id: str) -> gpd.GeoDataFrame:
+    """Give patches without a register (``compare``) ids and status ``new``."""
+    if "patch_id" in patches and patches["patch_id"].notna().all():
+        return patches
+    date = str(_first(patches, "after_date") or dt.date.today().isoformat())[:10]
+    out, _, _ = match(patches, empty_register(patches.crs), run_date=date, run_id=run_id)
+    return out
+
+
+def export_all(outdir: str | Path, patches: gpd.GeoDataFrame, *,
+               manifest: Mapping[str, Any],
+               change_tif: str | Path | None = None,
+               before_chip: ChipReader | None = None,
+               after_chip: ChipReader | None = None,
+               config: PipelineConfig | None = None,
+               extent: BBox | None = None,
+               cog_blocksize: int = 512) -> dict[str, Path]:
+    """Write every output of a run into ``outdir`` (all or nothing).
+
+    Args:
+        outdir: ``runs/<run_id>/`` or the ``compare -o`` folder.
+        patches: Tracked patches in the working CRS (``patch_id``/``status`` from
+            :mod:`pipeline.track`; if absent, ids are made and every patch is ``new``).
+        manifest: ``run.json`` content (inputs, config, versions, timings); ``outputs``,
+            ``counts`` and ``export_s`` are added.
+        change_tif: The block stage's category GeoTIFF, converted to ``change.tif`` (COG).
+        before_chip: Chip reader for the before date; evidence is written when both readers
+            are given (and ``config.output.evidence`` is not false).
+        after_chip: Chip reader for the after date.
+        config: Supplies category priorities, output switches, chip size and the title.
+        extent: Scene extent in the working CRS for the report map (default: change_tif's).
+        cog_blocksize: COG tile size.
+
+    Returns:
+        Output name -> final path (``geojson``, ``gpkg``, ``tasks``, ``manifest`` and, when
+        written, ``cog``, ``report``, ``evidence``).
+    """
+    t0 = time.perf_counter()
+    outdir = Path(outdir)
+    out_cfg = config.output if config is not None else None
+    priorities = ({k: v.priority for k, v in config.categories.items()} if config else None)
+    run_id = str(manifest.get("run_id") or _first(patches, "run_id") or outdir.name)
+    patches = _ensure_ids(patches.reset_index(drop=True), run_id)
+    rel: dict[str, str] = {}
+    with staging_dir(outdir) as stage:
+        if before_chip is not None and after_chip is not None and (
+                out_cfg is None or out_cfg.evidence):
+            res = float(config.resolution) if config else float(
+                _first(patches, "resolution_m") or 1.0)
+            px = out_cfg.chip_size_px if out_cfg else 96
+            patches["evidence"] = _write_all_evidence(
+                patches, stage / "evidence", before_chip, after_chip,
+                min_size_m=px * res, panel_px=max(256, px))
+            rel["evidence"] = "evidence"
+        elif "evidence" not in patches:
+            patches["evidence"] = None
+        fc = write_geojson(patches, stage / "patches.geojson")
+        rel["geojson"] = "patches.geojson"
+        write_gpkg(patches, stage / "patches.gpkg")
+        rel["gpkg"] = "patches.gpkg"
+        if change_tif is not None:
+            write_cog(change_tif, stage / "change.tif", blocksize=cog_blocksize)
+            rel["cog"] = "change.tif"
+            if extent is None:
+                with rasterio.open(change_tif) as src:
+                    extent = tuple(src.bounds)
+        n_tasks = write_tasks_csv(patches, stage / "tasks.csv", priorities)
+        rel["tasks"] = "tasks.csv"
+        summary = report_mod.summarize(patches)
+        if out_cfg is None or out_cfg.report:
+            meta = _report_meta(patches, manifest, config, extent, run_id)
+            write_report(patches, fc, meta, stage / "report.html")
+            rel["report"] = "report.html"
+        rel["manifest"] = "run.json"
+        man = dict(manifest)
+        man.setdefault("run_id", run_id)
+        man["outputs"] = dict(rel)
+        man["counts"] = {"patches": len(patches), "tasks": n_tasks,
+                         "by_category": {c: v["count"] for c, v in
+                                         summary["by_category"].items()},
+                         "by_status": summary["by_status"]}
+        man["export_s"] = round(time.perf_counter() - t0, 3)
+        write_manifest(man, stage / "run.json")
+    log.info("exported %d patches (%d tasks) to %s", len(patches), n_tasks, outdir)
+    return {k: outdir / v for k, v in rel.items()}
+
+
+def _report_meta(patches: gpd.GeoDataFrame, manifest: Mapping[str, Any],
+                 config: PipelineConfig | None, extent: Sequence[float] | None,
+                 run_id: str) -> dict[str, Any]:
+    ext_ll = None
+    if extent is not None and patches.crs is not None:
+        ext_ll = tuple(transform_bounds(patches.crs, "EPSG:4326", *extent, densify_pts=21))
+    name = config.name if config else manifest.get("name")
+    return {
+        "title": f"图斑变化检测报告 {name or ''}".strip(),
+        "run_id": run_id,
+        "before_date": _first(patches, "before_date") or manifest.get("before_date"),
+        "after_date": _first(patches, "after_date") or manifest.get("after_date"),
+        "sensor": _first(patches, "sensor"),
+        "crs": patches.crs.to_string() if patches.crs is not None else None,
+        "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "extent": ext_ll,
+    }

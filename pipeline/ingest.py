@@ -1,0 +1,526 @@
+"""Ingest: describe each period's imagery, read windows of it onto the working grid, load rules.
+
+Nothing here reads a whole image at full resolution. ``open_period``/``open_image`` read only
+metadata (plus a ≤256 px thumbnail to pick a scale when nothing else says). ``read_block`` reads,
+for each tile, the source window under one grid window (plus a few pixels of resampling
+context), decimated with ``out_shape`` when the grid is coarser than the source, and warps it
+with ``rasterio.warp.reproject``. ``read_overview`` is ``read_block`` on a coarsened grid.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import get_args
+
+import geopandas as gpd
+import numpy as np
+import pyogrio
+import rasterio
+import shapely
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import ColorInterp
+from rasterio.enums import Resampling as RioResampling
+from rasterio.errors import RasterioIOError, WindowError
+from rasterio.transform import array_bounds
+from rasterio.warp import reproject, transform_bounds
+from rasterio.windows import Window, from_bounds
+
+from .config import PeriodConfig, PipelineConfig
+from .errors import (
+    BandRoleError,
+    ConfigError,
+    InputError,
+    MissingCRSError,
+    MissingFileError,
+    NoOverlapError,
+    NotRasterError,
+)
+from .grid import Grid, norm_crs
+from .sensors import Preset, resolve_preset
+from .types import BandRole, BBox, Resampling
+
+#: Canonical output band order.
+ROLE_ORDER: tuple[str, ...] = get_args(BandRole)
+RASTER_EXTS = (".tif", ".tiff")
+
+# Band descriptions / common names -> role (Sentinel-2 B01..B12, Landsat-8 SR_B1..SR_B7,
+# STAC eo common names).
+_DESC_ROLES: dict[str, str] = {
+    "red": "red", "r": "red", "green": "green", "g": "green", "blue": "blue", "b": "blue",
+    "nir": "nir", "nir08": "nir", "near infrared": "nir", "near-infrared": "nir", "nir1": "nir",
+    "swir1": "swir1", "swir16": "swir1", "swir 1": "swir1", "swir2": "swir2", "swir22": "swir2",
+    "swir 2": "swir2", "coastal": "coastal", "coastal aerosol": "coastal", "pan": "pan",
+    "panchromatic": "pan", "rededge1": "rededge1", "rededge2": "rededge2",
+    "rededge3": "rededge3", "rededge4": "rededge4", "rededge": "rededge1",
+    "b01": "coastal", "b02": "blue", "b03": "green", "b04": "red", "b05": "rededge1",
+    "b06": "rededge2", "b07": "rededge3", "b08": "nir", "b8a": "rededge4", "b11": "swir1",
+    "b12": "swir2",
+    "sr_b1": "coastal", "sr_b2": "blue", "sr_b3": "green", "sr_b4": "red", "sr_b5": "nir",
+    "sr_b6": "swir1", "sr_b7": "swir2",
+}
+_CI_ROLES = {ColorInterp.red: "red", ColorInterp.green: "green", ColorInterp.blue: "blue"}
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One file of a period: enough metadata to plan reads without reopening for it."""
+
+    path: Path
+    crs: CRS
+    bounds: BBox  # in the tile's own CRS
+    shape: tuple[int, int]
+    count: int
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One period's imagery, described, not loaded. Picklable (sent to Dask workers)."""
+
+    name: str
+    date: dt.date | None
+    sensor: str
+    paths: tuple[Path, ...]
+    roles: tuple[str, ...]  # output band order
+    band_index: tuple[int, ...]  # 1-based, same order as roles
+    scale: float
+    offset: float
+    nodata: float | None
+    crs: CRS  # of the first tile
+    bounds: BBox  # union of the tiles, in ``crs``
+    res: float  # native pixel size in metres (approx)
+    dtype: str
+    tiles: tuple[Tile, ...] = ()
+
+
+# --------------------------------------------------------------------------------- discovery
+
+
+def _expand_images(entries: list[str] | tuple[str, ...], base_dir: Path) -> list[Path]:
+    out: list[Path] = []
+    for entry in entries:
+        p = Path(entry).expanduser()
+        p = p if p.is_absolute() else base_dir / p
+        if any(ch in entry for ch in "*?["):
+            hits = [Path(h) for h in sorted(glob.glob(str(p), recursive=True))]
+            hits = [h for h in hits if h.is_file()]
+            if not hits:
+                raise MissingFileError(f"{p}: pattern matches no file; check images: in the "
+                                       "config")
+            out += hits
+        elif p.is_dir():
+            hits = sorted(h for h in p.iterdir()
+                          if h.is_file() and h.suffix.lower() in RASTER_EXTS)
+            if not hits:
+                raise MissingFileError(f"{p}: folder holds no *.tif/*.tiff; put the GeoTIFFs "
+                                       "there or name the files")
+            out += hits
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise MissingFileError(f"{p}: no such file or folder; check the path")
+    return list(dict.fromkeys(out))
+
+
+def _metres_per_unit(crs: CRS, lat: float) -> tuple[float, float]:
+    if crs.is_geographic:
+        return 111_320.0 * math.cos(math.radians(lat)), 110_570.0
+    f = crs.linear_units_factor[1] if crs.linear_units_factor else 1.0
+    return f, f
+
+
+_DATE_RE = re.compile(r"(?<!\d)((?:19[7-9]|20\d)\d)[-_.]?(0[1-9]|1[0-2])[-_.]?(0[1-9]|[12]\d|3[01])"
+                      r"(?!\d)")
+
+
+def _date_from_text(text: str) -> dt.date | None:
+    for m in _DATE_RE.finditer(text):
+        try:
+            return dt.date(int(m[1]), int(m[2]), int(m[3]))
+        except ValueError:
+            continue
+    return None
+
+
+def _date_from_tags(tags: dict[str, str]) -> dt.date | None:
+    for key in ("ACQUISITIONDATETIME", "ACQUISITION_DATE", "DATE_ACQUIRED", "TIFFTAG_DATETIME"):
+        v = tags.get(key)
+        if v and (d := _date_from_text(v.replace(":", "-", 2))):
+            return d
+    return None
+
+
+def _roles_from_descriptions(ds: rasterio.DatasetReader) -> dict[str, int]:
+    roles: dict[str, int] = {}
+    for i, desc in enumerate(ds.descriptions, start=1):
+        role = _DESC_ROLES.get((desc or "").strip().lower())
+        if role and role not in roles:
+            roles[role] = i
+    if not {"red", "green", "blue"} <= set(roles):
+        for i, ci in enumerate(ds.colorinterp, start=1):
+            role = _CI_ROLES.get(ci)
+            if role and role not in roles:
+                roles[role] = i
+    return roles
+
+
+def _check_roles(bands: dict[str, int], count: int, path: Path) -> dict[str, int]:
+    bad = sorted(set(bands) - set(ROLE_ORDER))
+    if bad:
+        raise BandRoleError(f"{path}: unknown band role {bad[0]!r}; use one of "
+                            f"{', '.join(ROLE_ORDER)}")
+    for role, idx in bands.items():
+        if not 1 <= int(idx) <= count:
+            raise BandRoleError(f"{path}: band {role}={idx} is out of range, the file has "
+                                f"{count} band(s); fix bands: / --bands")
+    missing = [r for r in ("red", "green", "blue") if r not in bands]
+    if missing:
+        raise BandRoleError(f"{path}: cannot tell which band is {'/'.join(missing)}; pass "
+                            "--bands red=3,green=2,blue=1 or set bands: in the config")
+    return bands
+
+
+def _auto_scale(ds: rasterio.DatasetReader, band: int, preset: Preset | None) -> float:
+    dtype = np.dtype(ds.dtypes[band - 1])
+    if dtype == np.uint8:
+        return 1.0 / 255.0
+    f = max(1, math.ceil(max(ds.height, ds.width) / 256))
+    thumb = ds.read(band, out_shape=(max(1, ds.height // f), max(1, ds.width // f)),
+                    masked=True).astype("float64")
+    vals = thumb.compressed()
+    vals = vals[np.isfinite(vals) & (vals != 0)]
+    p99 = float(np.percentile(vals, 99)) if vals.size else 0.0
+    if dtype.kind == "f":
+        return 1.0 if p99 <= 1.5 else (1.0 / 255.0 if p99 <= 255 else 1e-4)
+    if preset is not None and preset.bit_depth and p99 <= 2 ** preset.bit_depth:
+        return 1.0 / (2 ** preset.bit_depth - 1)
+    return 1e-4
+
+
+def _open_tiles(paths: list[Path]) -> list[Tile]:
+    tiles: list[Tile] = []
+    for p in paths:
+        if not p.exists():
+            raise MissingFileError(f"{p}: no such file; check the path")
+        try:
+            with rasterio.open(p) as ds:
+                crs = ds.crs
+                if crs is None or ds.transform == Affine.identity():
+                    raise MissingCRSError(f"{p}: no coordinate reference system or "
+                                          "georeference; assign one (e.g. gdal_edit.py -a_srs "
+                                          "EPSG:4547) and retry")
+                tiles.append(Tile(p, crs, tuple(ds.bounds), ds.shape, ds.count))
+        except RasterioIOError:
+            raise NotRasterError(f"{p}: not a raster GDAL can read; give a GeoTIFF") from None
+    counts = {t.count for t in tiles}
+    if len(counts) > 1:
+        a, b = tiles[0], next(t for t in tiles if t.count != tiles[0].count)
+        raise BandRoleError(f"{b.path}: has {b.count} bands but {a.path} has {a.count}; tiles "
+                            "of one period must share the band layout, split them into periods "
+                            "or fix the files")
+    return tiles
+
+
+def _union_bounds(tiles: list[Tile], crs: CRS) -> BBox:
+    bs = [t.bounds if t.crs == crs else transform_bounds(t.crs, crs, *t.bounds, densify_pts=21)
+          for t in tiles]
+    return (min(b[0] for b in bs), min(b[1] for b in bs), max(b[2] for b in bs),
+            max(b[3] for b in bs))
+
+
+def _build_source(paths: list[Path], *, name: str, date: dt.date | None, sensor: str | None,
+                  bands: dict[str, int] | None, scale: float | None, offset: float | None,
+                  nodata: float | None) -> ImageSource:
+    tiles = _open_tiles(paths)
+    first = tiles[0]
+    preset = resolve_preset(sensor) if sensor else None
+    with rasterio.open(first.path) as ds:
+        if bands:
+            roles = dict(bands)
+        elif preset is not None:
+            roles = dict(preset.bands)
+        else:
+            roles = _roles_from_descriptions(ds)
+        roles = _check_roles(roles, ds.count, first.path)
+        order = [r for r in ROLE_ORDER if r in roles]
+        if scale is None:
+            scale = preset.scale if preset and preset.scale else _auto_scale(
+                ds, roles["red"], preset)
+        if offset is None:
+            offset = preset.offset if preset is not None and scale == preset.scale else 0.0
+        if nodata is None:
+            nodata = ds.nodata
+        if date is None:
+            date = _date_from_tags({**ds.tags(), **ds.tags(ns="IMAGERY")})
+        dtype = ds.dtypes[roles["red"] - 1]
+        lat = (first.bounds[1] + first.bounds[3]) / 2 if first.crs.is_geographic else 0.0
+        mx, my = _metres_per_unit(first.crs, lat)
+        res = float((abs(ds.res[0]) * mx + abs(ds.res[1]) * my) / 2)
+    if date is None:
+        for p in paths:
+            if d := (_date_from_text(p.name) or _date_from_text(p.parent.name)):
+                date = d
+                break
+    return ImageSource(
+        name=name, date=date, sensor=sensor or (preset.name if preset else "unknown"),
+        paths=tuple(paths), roles=tuple(order), band_index=tuple(int(roles[r]) for r in order),
+        scale=float(scale), offset=float(offset), nodata=nodata, crs=first.crs,
+        bounds=_union_bounds(tiles, first.crs), res=res, dtype=str(dtype), tiles=tuple(tiles))
+
+
+def open_period(cfg: PeriodConfig, base_dir: Path) -> ImageSource:
+    """Describe one period of a config: discover its tiles, band roles, scale and date."""
+    paths = _expand_images(cfg.images, Path(base_dir))
+    return _build_source(paths, name=cfg.name, date=cfg.date, sensor=cfg.sensor,
+                         bands=dict(cfg.bands) if cfg.bands else None, scale=cfg.scale,
+                         offset=cfg.offset if cfg.scale is not None else None,
+                         nodata=cfg.nodata)
+
+
+def open_image(path: str | Path, *, bands: dict[str, int] | None = None,
+               sensor: str | None = None, name: str | None = None) -> ImageSource:
+    """Describe one image (a file, or a folder of tiles) for ``tuban compare``."""
+    p = Path(path)
+    paths = _expand_images([str(p)], Path.cwd())
+    return _build_source(paths, name=name or p.stem, date=None, sensor=sensor, bands=bands,
+                         scale=None, offset=None, nodata=None)
+
+
+# ------------------------------------------------------------------------------------- grid
+
+
+def footprint(src: ImageSource, crs: CRS | str) -> BBox:
+    """Bounding box of all of ``src``'s tiles in ``crs``."""
+    return _union_bounds(list(src.tiles), norm_crs(crs))
+
+
+def working_grid(sources: list[ImageSource], *, crs: CRS | str, resolution: float,
+                 bounds: BBox | None = None) -> Grid:
+    """The periods' common footprint in ``crs``, snapped to ``resolution``.
+
+    :raises NoOverlapError: when the images (or ``bounds``) do not overlap.
+    """
+    crs = norm_crs(crs, "working CRS")
+    boxes = [(s.paths[0], footprint(s, crs)) for s in sources]
+    if bounds is not None:
+        boxes.append((Path("bounds: in the config"), tuple(bounds)))
+    minx = max(b[0] for _, b in boxes)
+    miny = max(b[1] for _, b in boxes)
+    maxx = min(b[2] for _, b in boxes)
+    maxy = min(b[3] for _, b in boxes)
+    if not (maxx - minx >= resolution and maxy - miny >= resolution):
+        names = " and ".join(str(p) for p, _ in boxes)
+        raise NoOverlapError(f"{names} do not overlap; check that both images cover the same "
+                             "area and have correct CRS")
+    return Grid.from_bounds((minx, miny, maxx, maxy), resolution, crs)
+
+
+# ------------------------------------------------------------------------------------ reads
+
+
+def _src_window(ds: rasterio.DatasetReader, dst_bounds: BBox, dst_crs: CRS, ratio: float,
+                pad_dst_px: int = 3) -> Window | None:
+    """Source window under ``dst_bounds`` plus ``pad_dst_px`` destination pixels of context."""
+    b = dst_bounds if dst_crs == ds.crs else transform_bounds(dst_crs, ds.crs, *dst_bounds,
+                                                              densify_pts=21)
+    w0 = from_bounds(*b, transform=ds.transform)
+    pad = (pad_dst_px + 1) * max(1.0, ratio)
+    c0, r0 = math.floor(w0.col_off - pad), math.floor(w0.row_off - pad)
+    c1 = math.ceil(w0.col_off + w0.width + pad)
+    r1 = math.ceil(w0.row_off + w0.height + pad)
+    if c1 <= 0 or r1 <= 0 or c0 >= ds.width or r0 >= ds.height:
+        return None
+    try:
+        win = Window(c0, r0, c1 - c0, r1 - r0).intersection(Window(0, 0, ds.width, ds.height))
+    except WindowError:
+        return None
+    return win if win.width >= 1 and win.height >= 1 else None
+
+
+def _src_px_in_dst(ds: rasterio.DatasetReader, dst_crs: CRS) -> float:
+    """Approximate size of one source pixel in destination CRS units."""
+    if dst_crs == ds.crs:
+        return float(min(abs(ds.transform.a), abs(ds.transform.e)))
+    cx, cy = ds.transform @ (ds.width / 2, ds.height / 2)
+    n = 16  # a 16-pixel box, for numerical stability
+    b = transform_bounds(ds.crs, dst_crs, cx, cy, cx + n * abs(ds.transform.a),
+                         cy + n * abs(ds.transform.e))
+    return max(min(abs(b[2] - b[0]), abs(b[3] - b[1])) / n, 1e-12)
+
+
+def _read_tile(tile: Tile, src: ImageSource, dst_transform: Affine, dst_shape: tuple[int, int],
+               dst_crs: CRS, resampling: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """One tile warped onto the destination window: (float32 DN with NaN, bool valid)."""
+    h, w = dst_shape
+    left, bottom, right, top = array_bounds(h, w, dst_transform)
+    with rasterio.open(tile.path) as ds:
+        ratio = min(abs(dst_transform.a), abs(dst_transform.e)) / _src_px_in_dst(ds, dst_crs)
+        win = _src_window(ds, (left, bottom, right, top), dst_crs, ratio)
+        if win is None:
+            return None
+        factor = max(1, int(ratio))  # read decimated (overviews/out_shape) when grid is coarser
+        out_h = max(1, math.ceil(win.height / factor))
+        out_w = max(1, math.ceil(win.width / factor))
+        down = RioResampling.average if factor > 1 else RioResampling.nearest
+        data = ds.read(list(src.band_index), window=win,
+                       out_shape=(len(src.band_index), out_h, out_w), resampling=down)
+        mask = ds.dataset_mask(window=win, out_shape=(out_h, out_w),
+                               resampling=RioResampling.nearest) > 0
+        src_transform = ds.window_transform(win) @ Affine.scale(win.width / out_w,
+                                                                 win.height / out_h)
+        src_crs = ds.crs
+    arr = data.astype("float32")
+    mask &= np.isfinite(arr).all(axis=0)
+    mask &= (arr != 0).any(axis=0)
+    if src.nodata is not None and np.isfinite(src.nodata):
+        mask &= (arr != np.float32(src.nodata)).any(axis=0)
+    arr[:, ~mask] = np.nan
+    out = np.full((arr.shape[0], h, w), np.nan, dtype="float32")
+    rs = RioResampling[resampling]
+    if rs in (RioResampling.bilinear, RioResampling.cubic) and ratio >= 1.5:
+        rs = RioResampling.average  # downsampling: average, not aliasing interpolation
+    reproject(arr, out, src_transform=src_transform, src_crs=src_crs, src_nodata=np.nan,
+              dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=np.nan, resampling=rs)
+    vout = np.zeros((h, w), dtype="uint8")
+    reproject(mask.astype("uint8"), vout, src_transform=src_transform, src_crs=src_crs,
+              src_nodata=None, dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=None,
+              resampling=RioResampling.nearest)
+    valid = (vout > 0) & np.isfinite(out).all(axis=0)
+    return out, valid
+
+
+def read_block(src: ImageSource, grid: Grid, window: Window, *,
+               resampling: Resampling = "bilinear",
+               shift_px: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+    """Read one window of the working grid from ``src`` as reflectance.
+
+    Returns float32 ``(len(src.roles), h, w)`` reflectance (DN * scale + offset, NaN where not
+    valid) and bool ``valid`` (h, w): False where nodata, masked, NaN, all-zero or outside every
+    tile. Tiles are mosaicked first-valid-wins. ``shift_px = (dx, dy)`` samples the source at
+    grid position (col + dx, row + dy) for output pixel (row, col): pass the shift returned by
+    :func:`pipeline.align.estimate_shift` to line the moving image up with the reference.
+    Only the source window under ``window`` (plus a few pixels of resampling context) is read,
+    decimated with ``out_shape`` when the grid is coarser than the source.
+    """
+    h, w = int(window.height), int(window.width)
+    g = grid.shifted(*shift_px) if any(shift_px) else grid
+    dst_transform = g.window_transform(window)
+    out = np.full((len(src.roles), h, w), np.nan, dtype="float32")
+    valid = np.zeros((h, w), dtype=bool)
+    for tile in src.tiles:
+        got = _read_tile(tile, src, dst_transform, (h, w), grid.crs, resampling)
+        if got is None:
+            continue
+        arr, tvalid = got
+        take = tvalid & ~valid
+        out[:, take] = arr[:, take]
+        valid |= take
+        if valid.all():
+            break
+    out = out * np.float32(src.scale) + np.float32(src.offset)
+    out[:, ~valid] = np.nan
+    return out, valid
+
+
+def overview_grid(grid: Grid, max_size: int = 1024) -> Grid:
+    """``grid`` coarsened by an integer factor so its long side is ≤ ``max_size``."""
+    f = max(1, math.ceil(max(grid.shape) / max_size))
+    shape = (math.ceil(grid.height / f), math.ceil(grid.width / f))
+    return Grid(shape, grid.transform @ Affine.scale(f), grid.crs)
+
+
+def read_overview(src: ImageSource, grid: Grid, max_size: int = 1024,
+                  ) -> tuple[np.ndarray, np.ndarray, Grid]:
+    """The whole ``grid`` decimated to ≤ ``max_size`` px (average), for global parameters."""
+    og = overview_grid(grid, max_size)
+    arr, valid = read_block(src, og, Window(0, 0, og.width, og.height), resampling="average")
+    return arr, valid, og
+
+
+# ------------------------------------------------------------------------------ vector layers
+
+
+def load_layer(path: str | Path, crs: CRS | str, bounds: BBox | None = None,
+               layer: str | None = None, where: str | None = None) -> gpd.GeoDataFrame:
+    """Read a vector layer, filtered to ``bounds`` (in ``crs``), reprojected and repaired."""
+    p = Path(path)
+    if not p.exists():
+        raise MissingFileError(f"{p}: no such file; check the rule/admin layer path")
+    crs = norm_crs(crs, "working CRS")
+    try:
+        info = pyogrio.read_info(p, layer=layer)
+    except Exception as err:  # pyogrio raises DataSourceError/DataLayerError and others
+        if layer is not None and "layer" in str(err).lower():
+            raise InputError(f"{p}: has no layer {layer!r}; available: "
+                             f"{', '.join(str(x[0]) for x in _layers(p))}") from None
+        raise InputError(f"{p}: not a vector file GDAL can read; give GeoPackage, GeoJSON or "
+                         "Shapefile") from None
+    if not info.get("crs"):
+        raise MissingCRSError(f"{p}: vector layer has no CRS; assign one (e.g. ogr2ogr -a_srs "
+                              "EPSG:4326) and retry")
+    bbox = None
+    if bounds is not None:
+        bbox = tuple(transform_bounds(crs, CRS.from_user_input(info["crs"]), *bounds,
+                                      densify_pts=21))
+    try:
+        gdf = pyogrio.read_dataframe(p, layer=layer, where=where, bbox=bbox)
+    except Exception as err:
+        raise InputError(f"{p}: cannot read ({' '.join(str(err).split())}); check where:/layer:"
+                         ) from None
+    gdf = gdf.to_crs(crs)
+    geoms = shapely.make_valid(gdf.geometry.values)
+    if len(gdf) and shapely.get_dimensions(gdf.geometry.values).max() == 2:
+        geoms = np.array([_polygonal(g) for g in geoms], dtype=object)
+    gdf = gdf.set_geometry(gpd.GeoSeries(geoms, index=gdf.index, crs=crs))
+    return gdf[~gdf.geometry.is_empty & gdf.geometry.notna()]
+
+
+def _layers(p: Path) -> list[tuple[str, str]]:
+    try:
+        return [tuple(x) for x in pyogrio.list_layers(p)]
+    except Exception:
+        return []
+
+
+def _polygonal(g: shapely.Geometry | None) -> shapely.Geometry | None:
+    if g is None or g.geom_type in ("Polygon", "MultiPolygon"):
+        return g
+    parts = [x for x in shapely.get_parts(g) if x.geom_type in ("Polygon", "MultiPolygon")]
+    return shapely.union_all(parts) if parts else shapely.Polygon()
+
+
+def load_rules(cfg: PipelineConfig, grid: Grid) -> dict[str, gpd.GeoDataFrame]:
+    """Every rule layer of the config, clipped to the grid's bounds, in the working CRS."""
+    return {role: load_layer(cfg.path(rc.path), grid.crs, bounds=grid.bounds, layer=rc.layer,
+                             where=rc.where) for role, rc in cfg.rules.items()}
+
+
+def load_admin(cfg: PipelineConfig, grid: Grid) -> gpd.GeoDataFrame:
+    """Street-office boundaries as ``admin_code``, ``admin_name``, geometry (may be empty)."""
+    if cfg.admin is None:
+        return gpd.GeoDataFrame({"admin_code": [], "admin_name": []}, geometry=[], crs=grid.crs)
+    a = cfg.admin
+    gdf = load_layer(cfg.path(a.path), grid.crs, bounds=grid.bounds, layer=a.layer)
+    for key, fld in (("code_field", a.code_field), ("name_field", a.name_field)):
+        if fld not in gdf.columns:
+            avail = ", ".join(c for c in gdf.columns if c != gdf.geometry.name)
+            raise ConfigError(f"{cfg.path(a.path)}: admin.{key} {fld!r} is not a field of the "
+                              f"layer; available: {avail}")
+    return gpd.GeoDataFrame({"admin_code": gdf[a.code_field].astype(str).to_numpy(),
+                             "admin_name": gdf[a.name_field].astype(str).to_numpy()},
+                            geometry=gdf.geometry.to_numpy(), crs=grid.crs)
+
+
+def file_checksum(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,114 @@
+"""Learned change detector: features, model file, synthetic and real pairs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from pipeline.detect import features as F
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+needs_lgb = pytest.mark.skipif(importlib.util.find_spec("lightgbm") is None,
+                               reason="lightgbm not installed")
+
+
+def _scene(shape: tuple[int, int], bands: int, seed: int = 0) -> np.ndarray:
+    """Textured reflectance-like scene: smooth fields plus fine texture, 0.05..0.5."""
+    rng = np.random.default_rng(seed)
+    base = ndi.gaussian_filter(rng.random((bands, *shape)), (0, 6, 6))
+    base = (base - base.min()) / (np.ptp(base) + 1e-9)
+    img = 0.08 + 0.3 * base + 0.02 * rng.standard_normal((bands, *shape))
+    return np.clip(img, 0.01, 1.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("roles", [("red", "green", "blue"), ("blue", "green", "red", "nir")])
+def test_features_finite_and_shaped(roles: tuple[str, ...]) -> None:
+    a = _scene((64, 80), len(roles), 1)
+    b = _scene((64, 80), len(roles), 2)
+    valid = np.ones((64, 80), bool)
+    valid[:5] = False
+    a[:, :5] = np.nan  # invalid pixels may hold anything
+    names, stack = F.compute(a, b, valid, roles, 10.0)
+    assert stack.shape == (len(names), 64, 80)
+    assert stack.dtype == np.float32
+    assert np.isfinite(stack).all()
+    assert len(set(names)) == len(names)
+    assert ("d_ndvi_r1" in names) == ("nir" in roles)
+
+
+def test_features_need_rgb() -> None:
+    with pytest.raises(ValueError, match="red, green and blue"):
+        F.feature_set(("nir", "swir1"))
+
+
+def test_scales_tied_to_metres() -> None:
+    fine, coarse = F.scales_for(0.5), F.scales_for(10.0)
+    assert fine.r1 > coarse.r1 and fine.r2 > coarse.r2
+    assert F.halo_px(0.5) > fine.r2
+
+
+@needs_lgb
+def test_model_file_loads() -> None:
+    from pipeline.detect.learned import has_model, load_model, model_paths
+
+    assert has_model(("red", "green", "blue"))
+    assert not has_model(("nir", "swir1"))
+    model = load_model("rgb")
+    txt, js = model_paths("rgb")
+    assert txt.stat().st_size < 2_000_000
+    meta = json.loads(js.read_text())
+    assert "research" in meta["lineage"] and meta["held_out"]
+    z = np.zeros((3, 8, 8), np.float32)
+    names, _ = F.compute(z, z, np.ones((8, 8), bool), ("red", "green", "blue"), 1.0)
+    assert tuple(names) == model.features
+
+
+@needs_lgb
+def test_planted_change_found_and_brightness_ignored() -> None:
+    from pipeline.detect.learned import LearnedDetector, decide
+
+    roles, res = ("red", "green", "blue"), 0.5
+    before = _scene((160, 160), 3, 3)
+    after = before + 0.01 * np.random.default_rng(4).standard_normal(before.shape)
+    after = after.astype(np.float32)
+    after[:, 60:100, 50:100] = np.array([0.55, 0.5, 0.45], np.float32)[:, None, None]  # new roof
+    valid = np.ones((160, 160), bool)
+    det = LearnedDetector(roles, res)
+    out = det(before, after, valid, roles, res)
+    assert set(out) >= {"change", "ndvi_before", "ndvi_after", "bright_before",
+                        "bright_after", "veg_before", "veg_after"}
+    assert all(v.shape == valid.shape and v.dtype == np.float32 for v in out.values())
+    assert np.isnan(out["ndvi_before"]).all()
+    hit = decide(out["change"], valid, res)
+    inside = np.zeros_like(valid)
+    inside[60:100, 50:100] = True
+    assert hit[inside].mean() > 0.6
+    assert hit[~ndi.binary_dilation(inside, iterations=8)].mean() < 0.05
+    # a global brightness/contrast change is not change
+    brighter = (1.25 * before + 0.03).astype(np.float32)
+    out2 = det(before, brighter, valid, roles, res)
+    assert decide(out2["change"], valid, res).mean() < 0.02
+
+
+@needs_lgb
+@pytest.mark.skipif(not (SHARED / "data" / "cases").exists(), reason="../shared absent")
+def test_real_levir_crop_beats_reference() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from accuracy import counts, load_case, reference_detect, scores
+
+    from pipeline.detect.learned import LearnedDetector, decide
+
+    case = load_case(SHARED / "data" / "cases" / "levir" / "test_2_0000_0512")
+    det = LearnedDetector(case.roles, case.res_m)
+    out = det(case.before, case.after, case.valid, case.roles, case.res_m)
+    f1 = scores(counts(decide(out["change"], case.valid, case.res_m), case.label))["f1"]
+    ref = scores(counts(reference_detect(case.before, case.after, case.valid),
+                        case.label))["f1"]
+    assert f1 > ref
