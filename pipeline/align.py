@@ -182,21 +182,28 @@ def apply_radiometry(img: np.ndarray, gain: np.ndarray, offset: np.ndarray) -> n
 
 def cloud_shadow_mask(img: np.ndarray, roles: tuple[str, ...] | list[str], *,
                       res_m: float | None = None, dilate_px: int = 3,
-                      min_cloud_m2: float = 10_000.0, min_shadow_m2: float = 2_500.0,
-                      ) -> np.ndarray:
+                      min_cloud_m2: float | None = None, min_shadow_m2: float = 1_000.0,
+                      shadow_search_m: float = 1_500.0,
+                      other: np.ndarray | None = None) -> np.ndarray:
     """True where ``img`` (reflectance, ``(bands, h, w)``) shows cloud or cloud shadow.
 
     Conservative: few false alarms on clear land matter more than catching thin cloud.
 
     - cloud: bright and flat across the visible bands; with NIR also unvegetated (NDVI < 0.1)
       with NIR close to the visible level and visible mean > 0.4; without NIR only near-white
-      (> 0.8), very flat blobs. Blobs under ``min_cloud_m2`` (1 ha) are dropped: white roofs,
-      the very thing an enforcement run looks for, share a cloud's spectrum.
-    - shadow: dark in every band including NIR, with NIR ≥ 0.8 × green, so water (dark NIR but
-      brighter blue/green) and dark forest (bright NIR) are not taken; without NIR only
-      near-black blobs. Blobs under ``min_shadow_m2`` are dropped (building and tree shadows).
+      (> 0.8), very flat blobs. Blobs under ``min_cloud_m2`` (default 0.25 ha with NIR, 1 ha
+      without) are dropped: white roofs, the very thing an enforcement run looks for, share a
+      cloud's spectrum.
+    - shadow: dark in every band including NIR (< 0.2), with NIR ≥ 0.8 × green, so water (dark
+      NIR, brighter blue/green) and sunlit dark forest (NIR > 0.2) are not taken; without NIR
+      only near-black. A shadow blob must be ≥ ``min_shadow_m2`` and lie within
+      ``shadow_search_m`` of a cloud in the same array: terrain shade on forested slopes looks
+      the same per pixel, so no cloud in view means no cloud shadow. Given ``other`` (the
+      other date on the same grid and bands, radiometrically matched), a shadow must also be
+      a temporal darkening: visible mean and NIR below 0.6 × the other date's, which terrain
+      shade, persistent in both dates, is not.
 
-    Areas are converted with ``res_m`` (pixel size in metres; default 1 m). Everything kept is
+    Areas and distances use ``res_m`` (pixel size in metres; default 1 m). Everything kept is
     dilated by ``dilate_px``. NaN pixels are never flagged. Haze is left to the radiometric
     normalisation: per-pixel haze tests (HOT) need the scene's clear line and, on real data,
     flag grey surfaces and path radiance.
@@ -205,26 +212,43 @@ def cloud_shadow_mask(img: np.ndarray, roles: tuple[str, ...] | list[str], *,
     h, w = img.shape[1:]
     if not set(VISIBLE) <= set(roles):
         return np.zeros((h, w), bool)
-    px_m2 = (res_m or 1.0) ** 2
+    res = res_m or 1.0
+    has_nir = "nir" in roles
+    if min_cloud_m2 is None:
+        min_cloud_m2 = 2_500.0 if has_nir else 10_000.0
     with np.errstate(invalid="ignore", divide="ignore"):
         b, g, r = (img[roles.index(k)].astype("float32") for k in VISIBLE)
         vis = (b + g + r) / 3
         flat = (np.abs(b - vis) + np.abs(g - vis) + np.abs(r - vis)) / (3 * np.maximum(vis, 1e-6))
         darkest = np.maximum(np.maximum(b, g), r)
-        if "nir" in roles:
+        if has_nir:
             n = img[roles.index("nir")].astype("float32")
             ndvi = (n - r) / np.maximum(n + r, 1e-6)
             cloud = ((vis > 0.4) & (flat < 0.1) & (b >= 0.9 * r) & (ndvi < 0.1)
                      & (n > 0.7 * vis) & (n < 1.3 * vis))
-            shadow = (darkest < 0.07) & (vis < 0.06) & (n < 0.15) & (n >= 0.8 * g)
+            shadow = (darkest < 0.07) & (vis < 0.06) & (n < 0.2) & (n >= 0.8 * g)
         else:
             cloud = (vis > 0.8) & (flat < 0.05) & (b >= 0.9 * r)
             shadow = (darkest < 0.04) & (b >= 0.9 * r)
-    m = (_drop_small(cloud, max(4, round(min_cloud_m2 / px_m2)))
-         | _drop_small(shadow, max(4, round(min_shadow_m2 / px_m2))))
+        if other is not None:
+            vis_o = other[[roles.index(k) for k in VISIBLE]].mean(axis=0)
+            shadow &= vis < 0.6 * vis_o
+            if has_nir:
+                shadow &= n < 0.6 * other[roles.index("nir")]
+    cloud = _drop_small(cloud, max(4, round(min_cloud_m2 / res ** 2)))
+    m = cloud
+    if cloud.any():
+        shadow = _drop_small(shadow, max(4, round(min_shadow_m2 / res ** 2)))
+        if shadow.any():
+            m = cloud | _near(shadow, cloud, shadow_search_m / res)
     if dilate_px > 0 and m.any():
         m = ndi.binary_dilation(m, structure=np.ones((3, 3), bool), iterations=dilate_px)
     return m
+
+
+def _dilate_px(res_m: float, margin_m: float = 10.0) -> int:
+    """Dilation for cloud edges: ``margin_m`` (soft cloud rims), at least 3 px, at most 20."""
+    return int(min(20, max(3, round(margin_m / res_m))))
 
 
 def _drop_small(m: np.ndarray, min_px: int) -> np.ndarray:
@@ -235,6 +259,15 @@ def _drop_small(m: np.ndarray, min_px: int) -> np.ndarray:
     big = sizes >= min_px
     big[0] = False
     return big[lab]
+
+
+def _near(blobs: np.ndarray, target: np.ndarray, max_px: float) -> np.ndarray:
+    """The connected parts of ``blobs`` that come within ``max_px`` of ``target``."""
+    dist = ndi.distance_transform_edt(~target)
+    lab, n = ndi.label(blobs)
+    closest = np.asarray(ndi.minimum(dist, lab, np.arange(1, n + 1)))
+    keep = np.concatenate([[False], closest <= max_px])
+    return keep[lab]
 
 
 # ---------------------------------------------------------------------------- orchestration
@@ -290,8 +323,9 @@ def fit_alignment(before: ImageSource, after: ImageSource, grid: Grid, *, coregi
             a, va = read_block(before, grid, win, resampling=resampling)
             b, vb = read_block(after, grid, win, resampling=resampling)
             a, b = _select(a, before, roles), _select(b, after, roles)
-            v = va & vb & ~cloud_shadow_mask(a, roles, res_m=grid.res)
-            v &= ~cloud_shadow_mask(b, roles, res_m=grid.res)
+            d = _dilate_px(grid.res)
+            v = va & vb & ~cloud_shadow_mask(a, roles, res_m=grid.res, other=b, dilate_px=d)
+            v &= ~cloud_shadow_mask(b, roles, res_m=grid.res, other=a, dilate_px=d)
             ia = [roles.index(r) for r in vis]
             dx, dy, ok = _shift_with_confidence(a[ia], b[ia], v, max_shift_px)
             if ok:
@@ -306,8 +340,8 @@ def fit_alignment(before: ImageSource, after: ImageSource, grid: Grid, *, coregi
         a, va, og = read_overview(before, grid)
         b, vb, _ = read_overview(after, grid.shifted(*shift))
         a, b = _select(a, before, roles), _select(b, after, roles)
-        v = va & vb & ~cloud_shadow_mask(a, roles, res_m=og.res, dilate_px=1)
-        v &= ~cloud_shadow_mask(b, roles, res_m=og.res, dilate_px=1)
+        v = va & vb & ~cloud_shadow_mask(a, roles, res_m=og.res, dilate_px=1, other=b)
+        v &= ~cloud_shadow_mask(b, roles, res_m=og.res, dilate_px=1, other=a)
         gain, offset = estimate_radiometry(a, b, v)
     return AlignParams(shift, tuple(map(float, gain)), tuple(map(float, offset)), roles, n_ok)
 
@@ -330,6 +364,7 @@ def read_aligned_block(before: ImageSource, after: ImageSource, grid: Grid, wind
         b = apply_radiometry(b, np.asarray(params.gain), np.asarray(params.offset))
     valid = va & vb
     if cloud_mask:
-        valid &= ~cloud_shadow_mask(a, roles, res_m=grid.res)
-        valid &= ~cloud_shadow_mask(b, roles, res_m=grid.res)
+        d = _dilate_px(grid.res)
+        valid &= ~cloud_shadow_mask(a, roles, res_m=grid.res, other=b, dilate_px=d)
+        valid &= ~cloud_shadow_mask(b, roles, res_m=grid.res, other=a, dilate_px=d)
     return a, b, valid

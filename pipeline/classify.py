@@ -4,26 +4,28 @@
 block's detector evidence into a uint8 category raster and a per-object confidence.
 
 Objects. The change probability is thresholded with hysteresis (seeds at ``P_SEED`` grown into
-``P_GROW``) and split into 8-connected objects, cut along farmland parcel boundaries. Every decision is made per object from its mean
-evidence and its overlap with the rule layers, on the whole outer block (core + halo), using only
-fixed thresholds: an object that fits in the halo gets the same decision in every block that
-sees it, and nothing depends on block statistics.
+``P_GROW``) and split into 8-connected objects, cut along farmland parcel boundaries (slivers
+off farmland join their parcel piece). Every decision is made per object from the mean evidence
+of its seed pixels and its overlap with the rule layers, on the whole outer block (core + halo),
+using only fixed thresholds: an object that fits in the halo gets the same decision in every
+block that sees it, and nothing depends on block statistics.
 
 Decision (first match wins; ``f_role`` = fraction of the object on that rule layer):
 
 * mask leak: most of the object hugs the invalid (cloud/shadow/nodata) mask -> dropped.
 * illumination: every band scaled alike (low ``shape_score`` and ``ratio_spread``) by less
   than 3x -> excluded as ``illumination`` (cloud shadow, terrain shading).
-* cloud-like (>= 1000 m², visible reflectance >= 0.45, flat, NDVI < 0.1): a cloud the mask
-  missed -> ``other_change`` (kept for review, never a violation).
+* cloud-like whole object (>= 1000 m², visible reflectance >= 0.42, flat, NDVI < 0.1): a
+  cloud the mask missed -> ``other_change`` (kept for review, never a violation).
 * after state darker than ``DARK`` (water, deep shadow) is never bare or built ground.
 * forest loss (``f_forest`` >= 0.5, vegetation before, vegetation lost): ``forest_grave`` when
   its area <= ``categories['forest_grave'].max_area_m2``, excluded as ``cemetery`` when mostly in
   a designated cemetery; a larger clearing is ``land_occupation``.
 * farmland / ecological red line (``f_farmland + f_redline`` >= 0.5): vegetated or stubble-like
   after (NDVI 0.2..0.45, or no NIR and soil-coloured over >= 80 % of the farmland parcel), or
-  soil-coloured over >= 80 % of its parcel (ploughing) -> excluded as ``seasonal``; bare soil or
-  hardened/built ground -> ``land_occupation``.
+  soil-coloured over >= 80 % of its parcel (ploughing) -> excluded as ``seasonal``; vegetation
+  lost to bare soil or hardened/built ground (or built ground >= 1.3x brighter) ->
+  ``land_occupation``.
 * elsewhere: a new, compact, non-vegetated, built-coloured surface (flat or blue-shifted spectrum,
   or red-tile red) -> ``illegal_construction``.
 * mostly inside a permit (``f_permits`` >= 0.5): construction and occupation are excluded as
@@ -69,6 +71,8 @@ PARCEL_KEY = "farmland_parcel"
 SPECTRAL_KEYS: tuple[str, ...] = ("veg_before", "veg_after", "ndvi_before", "ndvi_after",
                                   "bright_before", "bright_after", "chroma_blue_after",
                                   "chroma_red_after", "shape_score", "ratio_spread")
+#: pieces of an object off farmland smaller than this share of it join its parcel pieces
+SLIVER_SHARE = 0.25
 #: hysteresis on the change probability: seeds and growth
 P_SEED, P_GROW = 0.8, 0.4
 #: fraction of an object on a rule layer that assigns it to that layer
@@ -80,6 +84,8 @@ VEG_AFTER_GREEN = 0.5
 STUBBLE_NDVI = (0.2, 0.45)
 #: share of a farmland parcel an object must fill to count as a whole-field (seasonal) change
 PARCEL_FILL = 0.8
+#: brightening factor that marks a new built surface on land that was already bare
+BRIGHTER = 1.3
 #: visible chromaticity of built surfaces: blue share (flat/grey/blue roofs, concrete, asphalt)
 #: or red share (red tile) beyond that of soils (blue ~0.25, red ~0.43)
 BUILT_BLUE_SHARE, BUILT_RED_SHARE = 0.29, 0.48
@@ -87,7 +93,7 @@ BUILT_BLUE_SHARE, BUILT_RED_SHARE = 0.29, 0.48
 DARK = 0.06
 #: an after state this bright and flat over this area is taken for a cloud the mask missed:
 #: reported as other_change (for review), never as a violation
-CLOUD_BRIGHT, CLOUD_MIN_M2 = 0.45, 1000.0
+CLOUD_BRIGHT, CLOUD_MIN_M2 = 0.42, 1000.0
 #: illumination-only change: shape score (noise units) and spread of band log-ratios below
 #: these, and brightness changed by less than a factor of 3
 ILLUM_SHAPE, ILLUM_SPREAD, ILLUM_MAX_LOG_RATIO = 2.5, 0.25, math.log(3.0)
@@ -214,59 +220,88 @@ def _illumination(g: dict[str, float]) -> bool:
     return shape < ILLUM_SHAPE and spread < ILLUM_SPREAD and ratio < ILLUM_MAX_LOG_RATIO
 
 
-def _cloud_like(g: dict[str, float], area_m2: float) -> bool:
-    """A large, very bright, spectrally flat, unvegetated after state: an unmasked cloud."""
-    flat = abs(g["chroma_blue_after"] - 1 / 3) < 0.04 and abs(g["chroma_red_after"] - 1 / 3) < 0.04
-    unvegetated = not g["ndvi_after"] >= 0.1  # NaN (no NIR) counts as unvegetated
-    return (area_m2 >= CLOUD_MIN_M2 and g["bright_after"] >= CLOUD_BRIGHT and flat
-            and unvegetated)
+def _cloud_pieces(ev: dict[str, np.ndarray], whole: np.ndarray, lab: np.ndarray, n: int,
+                  res_m: float) -> np.ndarray:
+    """Per piece (label of ``lab``): 1.0 when its whole, unsplit object looks like a cloud.
+
+    Large (>= ``CLOUD_MIN_M2``), very bright (visible >= ``CLOUD_BRIGHT``), spectrally flat and
+    unvegetated (NDVI < 0.1; no test without NIR) after state: a cloud the mask missed.
+    """
+    m = int(whole.max())
+    seed = np.where(ev["change"] >= P_SEED, whole, 0)
+    g = {k: _means(seed, m, ev.get(k)) for k in
+         ("bright_after", "chroma_blue_after", "chroma_red_after", "ndvi_after")}
+    area = np.bincount(whole.ravel(), minlength=m + 1) * res_m * res_m
+    with np.errstate(invalid="ignore"):
+        flat = ((np.abs(g["chroma_blue_after"] - 1 / 3) < 0.04)
+                & (np.abs(g["chroma_red_after"] - 1 / 3) < 0.04))
+        cloud = ((area >= CLOUD_MIN_M2) & (g["bright_after"] >= CLOUD_BRIGHT) & flat
+                 & ~(g["ndvi_after"] >= 0.1))
+    parent = np.zeros(n + 1, np.int64)
+    parent[lab.ravel()] = whole.ravel()
+    return cloud[parent].astype(float)
 
 
 def _decide(f: dict[str, np.ndarray], i: int, *, res_m: float,
             categories: dict[str, CategoryConfig]) -> tuple[str, float]:
-    """Category (or ``excluded:<reason>``/``none``) and spectral support for object ``i``."""
+    """Category (or ``excluded:<reason>``) and spectral support 0..1 for object ``i``."""
     g = {k: float(v[i]) for k, v in f.items()}
-    area = g["n"] * res_m * res_m
     if g["f_edge"] >= 0.5:
         return "excluded:mask_edge", 0.0
     if _illumination(g):
         return "excluded:illumination", 0.0
-    vb, va = g["veg_before"], g["veg_after"]
-    na = g["ndvi_after"]
-    has_nir = math.isfinite(na)
-    if _cloud_like(g, area):
+    if g.get("cloud", 0.0) > 0:
         return "other_change", 0.2
+    vb, va = g["veg_before"], g["veg_after"]
     surface = not g["bright_after"] < DARK  # False for water, deep shadow (NaN: unknown)
-    built = surface and (g["chroma_blue_after"] >= BUILT_BLUE_SHARE
-                         or g["chroma_red_after"] >= BUILT_RED_SHARE)
-    bare = surface and va < 0.3
-    permit = g["f_permits"] >= MAJORITY
-    lost = vb >= VEG_BEFORE_MIN and vb - va >= VEG_LOSS_MIN
-    bareness = min(1.0, max(0.0, 1.0 - va))
-
-    if g["f_forest"] >= MAJORITY and lost:
-        cap = categories["forest_grave"].max_area_m2 if "forest_grave" in categories else None
-        if cap is None or area <= cap:
-            if g["f_cemeteries"] >= MAJORITY:
-                return "excluded:cemetery", 0.0
-            return "forest_grave", min(1.0, (vb - va) / 0.7)
-        return ("excluded:permit", 0.0) if permit else ("land_occupation", bareness)
+    g["bare"] = float(surface and va < 0.3)
+    if math.isfinite(g["chroma_blue_after"]):
+        g["built"] = float(surface and (g["chroma_blue_after"] >= BUILT_BLUE_SHARE
+                                        or g["chroma_red_after"] >= BUILT_RED_SHARE))
+    else:  # no colour evidence (detector without it): any bare surface may be built
+        g["built"] = g["bare"]
+    g["lost"] = float(vb >= VEG_BEFORE_MIN and vb - va >= VEG_LOSS_MIN)
+    g["bareness"] = min(1.0, max(0.0, 1.0 - va))
+    if g["f_forest"] >= MAJORITY and g["lost"]:
+        return _forest_rule(g, g["n"] * res_m * res_m, categories)
     if g["f_farmland"] + g["f_ecological_redline"] >= MAJORITY:
-        stubble = has_nir and STUBBLE_NDVI[0] <= na <= STUBBLE_NDVI[1]
-        whole = g["fill"] >= PARCEL_FILL and not built
-        if va >= VEG_AFTER_GREEN or stubble or whole:
-            return "excluded:seasonal", 0.0
-        if bare or built:
-            if permit:
-                return "excluded:permit", 0.0
-            return "land_occupation", bareness * (1.0 - 0.5 * g["fill"])
-        return "other_change", 0.5
-    if bare and built and vb - va >= -0.1:
-        if permit:
+        return _farmland_rule(g)
+    return _open_land_rule(g)
+
+
+def _forest_rule(g: dict[str, float], area_m2: float,
+                 categories: dict[str, CategoryConfig]) -> tuple[str, float]:
+    cap = categories["forest_grave"].max_area_m2 if "forest_grave" in categories else None
+    if cap is None or area_m2 <= cap:
+        if g["f_cemeteries"] >= MAJORITY:
+            return "excluded:cemetery", 0.0
+        return "forest_grave", min(1.0, (g["veg_before"] - g["veg_after"]) / 0.7)
+    if g["f_permits"] >= MAJORITY:
+        return "excluded:permit", 0.0
+    return "land_occupation", g["bareness"]
+
+
+def _farmland_rule(g: dict[str, float]) -> tuple[str, float]:
+    na = g["ndvi_after"]
+    stubble = math.isfinite(na) and STUBBLE_NDVI[0] <= na <= STUBBLE_NDVI[1]
+    whole = g["fill"] >= PARCEL_FILL and not g["built"]
+    if g["veg_after"] >= VEG_AFTER_GREEN or stubble or whole:
+        return "excluded:seasonal", 0.0
+    brighter = g["bright_after"] >= BRIGHTER * g["bright_before"]
+    if (g["bare"] or g["built"]) and (g["lost"] or (g["built"] and brighter)):
+        if g["f_permits"] >= MAJORITY:
+            return "excluded:permit", 0.0
+        return "land_occupation", g["bareness"] * (1.0 - 0.5 * g["fill"])
+    return "other_change", 0.5
+
+
+def _open_land_rule(g: dict[str, float]) -> tuple[str, float]:
+    if g["bare"] and g["built"] and g["veg_before"] - g["veg_after"] >= -0.1:
+        if g["f_permits"] >= MAJORITY:
             return "excluded:permit", 0.0
         compact = min(1.0, g["core"] / 0.3)
         if compact >= 0.5:
-            return "illegal_construction", bareness * compact
+            return "illegal_construction", g["bareness"] * compact
     return "other_change", 0.5
 
 
@@ -292,14 +327,16 @@ def classify_block(evidence: dict[str, np.ndarray], rule_masks: dict[str, np.nda
     valid = valid.astype(bool)
     p = np.where(valid, np.nan_to_num(evidence["change"].astype(np.float32)), 0.0)
     mask = apply_hysteresis_threshold(p, P_GROW, P_SEED) & valid
-    lab, n = label(mask, connectivity=2, return_num=True)
+    whole, n = label(mask, connectivity=2, return_num=True)
+    lab = whole
     if n and rule_masks.get(PARCEL_KEY) is not None:
-        lab, n = _split_by_parcel(lab, rule_masks[PARCEL_KEY])
+        lab, n = _split_by_parcel(whole, rule_masks[PARCEL_KEY])
     cat = np.full(valid.shape, NO_CHANGE, np.uint8)
     conf = np.zeros(valid.shape, np.float32)
     excluded: Counter[str] = Counter()
     if n:
         f = _object_features(evidence, rule_masks, valid, lab, n, res_m)
+        f["cloud"] = _cloud_pieces(evidence, whole, lab, n, res_m)
         min_px = min(c.min_area_m2 for c in categories.values()) / (res_m * res_m)
         anchors = _anchors(lab, n)
         codes = np.zeros(n + 1, np.uint8)
@@ -323,14 +360,32 @@ def classify_block(evidence: dict[str, np.ndarray], rule_masks: dict[str, np.nda
 
 
 def _split_by_parcel(lab: np.ndarray, parcel: np.ndarray) -> tuple[np.ndarray, int]:
-    """Cut objects along farmland parcel boundaries: seasonal farming is judged per parcel."""
+    """Cut objects along farmland parcel boundaries: seasonal farming is judged per parcel.
+
+    Pieces of an object outside farmland that are small next to the object (ridges, paths and
+    mixed pixels between fields) join the nearest parcel piece of the same object.
+    """
     key = lab.astype(np.int64) * (int(parcel.max()) + 1) + parcel.astype(np.int64)
     key[lab == 0] = 0
-    uniq, inv = np.unique(key, return_inverse=True)
-    out = inv.reshape(lab.shape).astype(np.int32)
-    if uniq[0] != 0:  # no background in this block
-        out += 1
-    return out, int(out.max())
+    pieces, n = label(key, background=0, connectivity=2, return_num=True)
+    farm = (pieces > 0) & (parcel > 0)
+    if not farm.any() or farm.sum() == (pieces > 0).sum():
+        return pieces, n
+    obj_px = np.bincount(lab.ravel())
+    piece_px = np.bincount(pieces.ravel(), minlength=n + 1)
+    obj_of_piece = np.zeros(n + 1, np.int64)
+    obj_of_piece[pieces.ravel()] = lab.ravel()
+    has_farm = np.zeros(obj_px.size, bool)
+    has_farm[lab[farm]] = True
+    rest = (pieces > 0) & (parcel == 0)
+    small = piece_px < SLIVER_SHARE * obj_px[obj_of_piece]
+    cand = rest & small[pieces] & has_farm[lab]
+    if cand.any():
+        _, (ri, ci) = ndi.distance_transform_edt(~farm, return_indices=True)
+        near = pieces[ri, ci]
+        ok = cand & (lab[ri, ci] == lab)
+        pieces = np.where(ok, near, pieces)
+    return pieces, n
 
 
 def _anchors(lab: np.ndarray, n: int) -> np.ndarray:

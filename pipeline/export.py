@@ -536,6 +536,7 @@ def export_all(outdir: str | Path, patches: gpd.GeoDataFrame, *,
                                          summary["by_category"].items()},
                          "by_status": summary["by_status"]}
         man["export_s"] = round(time.perf_counter() - t0, 3)
+        man["timings_s"] = {**dict(man.get("timings_s") or {}), "export": man["export_s"]}
         write_manifest(man, stage / "run.json")
     log.info("exported %d patches (%d tasks) to %s", len(patches), n_tasks, outdir)
     return {k: outdir / v for k, v in rel.items()}

@@ -123,7 +123,7 @@ def _land_with_features(texture) -> tuple[np.ndarray, dict[str, tuple[slice, sli
     where = {"cloud": (slice(20, 60), slice(20, 60)), "shadow": (slice(70, 95), slice(30, 55)),
              "water": (slice(120, 170), slice(20, 70)), "forest": (slice(120, 170),
                                                                   slice(120, 170)),
-             "roof": (slice(20, 28), slice(150, 160))}
+             "roof": (slice(20, 24), slice(150, 155))}  # 0.2 ha
     spectra = {"cloud": (0.55, 0.55, 0.56, 0.58), "shadow": (0.035, 0.03, 0.025, 0.05),
                "water": (0.08, 0.06, 0.04, 0.015), "forest": (0.03, 0.05, 0.03, 0.35),
                "roof": (0.6, 0.6, 0.6, 0.6)}
@@ -148,6 +148,19 @@ def test_cloud_mask_flags_cloud_and_shadow_not_water_forest_or_roofs(texture) ->
     rgb[:, :10, :10] = np.nan
     m3 = cloud_shadow_mask(rgb, BGRN[:3], res_m=10.0)
     assert not m3[where["water"]].any() and not m3[where["forest"]].any() and not m3[:8, :8].any()
+
+
+def test_shadow_needs_a_cloud_and_a_temporal_darkening(texture) -> None:
+    img, where = _land_with_features(texture)
+    no_cloud = img.copy()
+    no_cloud[(slice(None), *where["cloud"])] = img[:, 100:140, 100:140]
+    assert not cloud_shadow_mask(no_cloud, BGRN, res_m=10.0).any()  # terrain-like shade alone
+    # the same dark patch in the other date (persistent shade) is not a cloud shadow
+    m = cloud_shadow_mask(img, BGRN, res_m=10.0, other=img)
+    assert m[where["cloud"]].all() and not m[where["shadow"]][5:-5, 5:-5].any()
+    clear = _scene(texture, (200, 200), seed=30)
+    m2 = cloud_shadow_mask(img, BGRN, res_m=10.0, other=clear)
+    assert m2[where["shadow"]].all()
 
 
 def test_read_aligned_block_drops_clouds(make_raster, texture) -> None:

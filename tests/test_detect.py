@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from pipeline.detect.registry import get_detector
-from pipeline.detect.spectral import SpectralDetector
+from pipeline.detect.spectral import EVIDENCE_KEYS, SpectralDetector
 from pipeline.errors import ConfigError
 
 ROLES = ("blue", "green", "red", "nir")
@@ -123,3 +123,21 @@ def test_registry() -> None:
     assert callable(det) and det.halo > 0
     with pytest.raises(ConfigError, match="unknown detection method"):
         get_detector("otsu", ROLES, 1.0)
+
+
+def test_registry_falls_back_without_learned_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    learned = pytest.importorskip("pipeline.detect.learned")
+    monkeypatch.setattr(learned, "has_model", lambda *a, **k: False)
+    assert isinstance(get_detector("auto", ROLES, 1.0), SpectralDetector)
+    with pytest.raises(ConfigError, match="no model"):
+        get_detector("learned", ROLES, 1.0)
+
+
+def test_evidence_layers() -> None:
+    before = textured()
+    out = run(noisy(before, 1), noisy(before, 2))
+    assert set(EVIDENCE_KEYS) <= out.keys()
+    assert all(v.dtype == np.float32 and v.shape == before.shape[1:] for v in out.values())
+    det = get_detector("auto", ROLES, 1.0)
+    assert set(EVIDENCE_KEYS) <= det(before, before, np.ones(before.shape[1:], bool), ROLES,
+                                     1.0).keys()

@@ -97,6 +97,15 @@ def load_model(kind: str, model_dir: Path = MODEL_DIR) -> Model:
                  float(cal["slope"]), meta)
 
 
+def smooth_score(score: np.ndarray, valid: np.ndarray, res_m: float) -> np.ndarray:
+    """Mean of the score over valid pixels in a ``(2r+1)²`` window, r = max(1, 1 m / res_m)."""
+    r = max(1, int(round(1.0 / res_m)))
+    v = valid.astype(np.float32)
+    num = ndi.uniform_filter(np.where(valid, score, 0.0).astype(np.float32), 2 * r + 1)
+    den = ndi.uniform_filter(v, 2 * r + 1)
+    return np.where(valid, num / np.maximum(den, 1e-3), 0.0).astype(np.float32)
+
+
 def decide_raw(score: np.ndarray, valid: np.ndarray, res_m: float, threshold: float) -> np.ndarray:
     """Suggested binary decision: threshold, fill pinholes, drop objects below the minimum area."""
     out = (score >= threshold) & valid
@@ -178,6 +187,8 @@ class LearnedDetector:
         h, w = valid.shape
         change = np.zeros((h, w), np.float32)
         if valid.any():
-            raw = model.booster.predict(stack[:, valid].T, num_threads=self.threads)
-            change[valid] = model.calibrate(raw)
-        return {"change": change, **spectral_evidence(before, after, valid, roles)}
+            raw = np.zeros((h, w), np.float32)
+            raw[valid] = model.booster.predict(stack[:, valid].T, num_threads=self.threads)
+            change = np.where(valid, model.calibrate(smooth_score(raw, valid, res_m)), 0.0)
+        evidence = spectral_evidence(before, after, valid, roles)
+        return {"change": change.astype(np.float32), **evidence}

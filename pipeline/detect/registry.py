@@ -7,9 +7,11 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from ..errors import ConfigError
 from .base import ChangeDetector
-from .spectral import SpectralDetector
+from .spectral import EVIDENCE_KEYS, SpectralDetector
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,37 @@ def _learned(roles: tuple[str, ...], res_m: float) -> ChangeDetector | None:
     except Exception as err:  # noqa: BLE001 - missing/invalid model: fall back
         log.info("learned detector has no usable model for bands %s: %s", roles, err)
         return None
-    return det if det is not None and callable(det) and hasattr(det, "halo") else None
+    if det is None or not callable(det) or not hasattr(det, "halo"):
+        return None
+    try:  # smoke test: the model loads and runs on these bands
+        z = np.zeros((len(roles), 16, 16), np.float32)
+        det(z, z, np.ones((16, 16), bool), roles, res_m)
+    except Exception as err:  # noqa: BLE001 - e.g. lightgbm missing, model/feature mismatch
+        log.warning("learned detector unusable for bands %s (%s); using spectral", roles, err)
+        return None
+    return _WithEvidence(det, res_m)
+
+
+class _WithEvidence:
+    """Wraps a detector so its output carries every layer the classifier reads.
+
+    Layers the wrapped detector lacks (e.g. ``chroma_*_after``, ``shape_score``,
+    ``ratio_spread``) come from the spectral detector; ``change`` stays the wrapped one's.
+    """
+
+    def __init__(self, det: ChangeDetector, res_m: float) -> None:
+        self.det = det
+        self.spectral = SpectralDetector(res_m)
+        #: context pixels each side: the larger of the two detectors'
+        self.halo = max(int(det.halo), self.spectral.halo)
+
+    def __call__(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
+                 roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
+        out = dict(self.det(before, after, valid, roles, res_m))
+        if any(k not in out for k in EVIDENCE_KEYS):
+            extra = self.spectral(before, after, valid, roles, res_m)
+            out.update({k: v for k, v in extra.items() if k not in out})
+        return out
 
 
 def get_detector(name: str, roles: Sequence[str], res_m: float, *,

@@ -54,6 +54,11 @@ ILLUM_MAX_DARKEN, ILLUM_MAX_BRIGHTEN = 3.0, 1.6
 #: object context (metres) that the classifier needs around a block, capped in pixels
 CONTEXT_M = 48.0
 MAX_CONTEXT_PX = 64
+#: layers every call returns (chroma_* only with red, green and blue)
+EVIDENCE_KEYS: tuple[str, ...] = (
+    "change", "score", "shape_score", "ratio_spread", "ndvi_before", "ndvi_after",
+    "bright_before", "bright_after", "exg_before", "exg_after", "veg_before", "veg_after",
+    "chroma_blue_after", "chroma_green_after", "chroma_red_after")
 _EPS = 1e-6
 _VISIBLE = ("blue", "green", "red")
 

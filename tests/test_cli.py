@@ -1,0 +1,224 @@
+"""End to end through the real command: sample run, outputs, acceptance figures, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_tiles"
+VIOLATIONS = ("illegal_construction", "forest_grave", "land_occupation")
+
+
+def tuban(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def sample_config(tmp: Path, **over: object) -> Path:
+    data = yaml.safe_load((ROOT / "configs" / "sample.yaml").read_text(encoding="utf-8"))
+    for p in data["periods"]:
+        p["images"] = [str(ROOT / i) for i in p["images"]]
+    for r in data["rules"].values():
+        r["path"] = str(ROOT / r["path"])
+    data["admin"]["path"] = str(ROOT / data["admin"]["path"])
+    data["output"]["dir"] = str(tmp / "runs")
+    data["register"] = str(tmp / "runs" / "register.gpkg")
+    data.update(over)
+    path = tmp / "sample.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = sample_config(tmp)
+    res = tuban("run", cfg, "--run-id", "first")
+    assert res.returncode == 0, res.stderr
+    return cfg, tmp / "runs" / "first"
+
+
+def test_run_writes_every_output(sample_run: tuple[Path, Path]) -> None:
+    _, out = sample_run
+    names = {p.name for p in out.iterdir()}
+    assert {"patches.geojson", "patches.gpkg", "change.tif", "tasks.csv", "run.json",
+            "report.html", "evidence"} <= names
+    assert not list(out.parent.glob("*.partial-*"))
+    man = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert {"ingest", "align", "detect", "vectorize", "track", "export"} <= set(
+        man["timings_s"])
+    assert all(len(i["sha256"]) == 64 for i in man["inputs"])
+    assert man["versions"]["tuban"]
+    assert man["counts"]["patches"] > 0
+    assert 0 < man["not_observed_fraction"] < 0.1  # cloud, shadow and nodata edge
+    with rasterio.open(out / "change.tif") as src:
+        assert src.dtypes[0] == "uint8" and src.overviews(1)
+        assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert src.crs.to_epsg() == 4547
+    assert (out / "tasks.csv").read_bytes().startswith(b"\xef\xbb\xbf")
+
+
+def test_sample_scene_acceptance(sample_run: tuple[Path, Path]) -> None:
+    """The foundation issue's bar: recall ≥ 0.9, precision ≥ 0.8, no distractor reported."""
+    _, out = sample_run
+    res = tuban("evaluate", out / "patches.geojson",
+                "--truth", SAMPLE / "truth" / "violations.geojson",
+                "--distractors", SAMPLE / "truth" / "distractors.geojson")
+    assert res.returncode == 0, res.stderr
+    scores = json.loads(res.stdout)
+    for cat in VIOLATIONS:
+        s = scores["objects"][cat]
+        assert s["recall"] >= 0.9, (cat, s)
+        assert s["precision"] >= 0.8, (cat, s)
+    assert scores["distractors"] == {k: 0 for k in scores["distractors"]}
+    assert set(scores["distractors"]) >= {"permit", "cemetery", "harvest", "cloud", "shadow"}
+
+
+def test_geojson_is_rfc7946_and_matches_gpkg(sample_run: tuple[Path, Path]) -> None:
+    _, out = sample_run
+    fc = json.loads((out / "patches.geojson").read_text(encoding="utf-8"))
+    assert fc["type"] == "FeatureCollection" and "crs" not in fc
+    gj = gpd.read_file(out / "patches.geojson")
+    gp = gpd.read_file(out / "patches.gpkg")
+    assert gp.crs.to_epsg() == 4547 and len(gp) == len(gj) == len(fc["features"])
+    assert gj.total_bounds[0] > 114.9 and gj.total_bounds[2] < 115.2  # near 115°E 23°N
+    assert 22.9 < gj.total_bounds[1] < gj.total_bounds[3] < 23.1
+    props = fc["features"][0]["properties"]
+    for key in ("patch_id", "category", "category_zh", "confidence", "area_m2", "area_mu",
+                "centroid_lon", "centroid_lat", "admin_code", "admin_name", "forest_m2",
+                "farmland_m2", "before_date", "after_date", "sensor", "resolution_m",
+                "run_id", "first_seen", "status", "evidence", "ndvi_before", "ndvi_after"):
+        assert key in props, key
+    np.testing.assert_allclose(np.sort(gj.to_crs(4547).area), np.sort(gp.area), rtol=5e-3)
+
+
+@pytest.mark.skipif(shutil.which("ogrinfo") is None, reason="GDAL's ogrinfo not installed")
+@pytest.mark.parametrize("name", ["patches.geojson", "patches.gpkg"])
+def test_ogrinfo_opens_outputs(sample_run: tuple[Path, Path], name: str) -> None:
+    _, out = sample_run
+    res = subprocess.run(["ogrinfo", "-so", "-al", str(out / name)], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    n = len(gpd.read_file(out / name))
+    assert f"Feature Count: {n}" in res.stdout
+
+
+def test_tasks_grouped_by_street_office(sample_run: tuple[Path, Path]) -> None:
+    _, out = sample_run
+    with open(out / "tasks.csv", encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], rows[1:]
+    code = next(i for i, h in enumerate(header) if h.endswith("admin_code"))
+    cat = next(i for i, h in enumerate(header) if h.endswith(" category"))
+    codes = [r[code] for r in body]
+    assert body and codes == sorted(codes, key=lambda c: (c == "", c))
+    assert {r[cat] for r in body} <= set(VIOLATIONS)
+
+
+def test_rerun_does_not_reissue(sample_run: tuple[Path, Path]) -> None:
+    cfg, first = sample_run
+    res = tuban("run", cfg, "--run-id", "second")
+    assert res.returncode == 0, res.stderr
+    a = gpd.read_file(first / "patches.geojson")
+    b = gpd.read_file(first.parent / "second" / "patches.geojson")
+    assert set(b["status"]) == {"persisting"}
+    assert sorted(a["patch_id"]) == sorted(b["patch_id"])
+    with open(first.parent / "second" / "tasks.csv", encoding="utf-8-sig") as f:
+        assert len(f.read().strip().splitlines()) == 1  # header only
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _assert_clean_failure(res: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    errors = [ln for ln in lines if "error" in ln.lower() or "Traceback" in ln]
+    assert len(errors) == 1 and lines[-1] == errors[0], res.stderr  # progress logs may precede
+    assert lines[-1].startswith("tuban: error: ")
+    for n in needles:
+        assert n in lines[-1], lines[-1]
+
+
+def test_missing_image(tmp_path: Path) -> None:
+    res = tuban("compare", tmp_path / "nope.tif", SAMPLE / "2024-06" / "scene.tif",
+                "-o", tmp_path / "out")
+    _assert_clean_failure(res, "nope.tif")
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_a_raster(tmp_path: Path) -> None:
+    bad = tmp_path / "before.tif"
+    bad.write_text("this is not a GeoTIFF")
+    res = tuban("compare", bad, SAMPLE / "2024-06" / "scene.tif", "-o", tmp_path / "out")
+    _assert_clean_failure(res, "before.tif", "raster")
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_crs(tmp_path: Path) -> None:
+    arr = np.ones((3, 32, 32), np.uint8)
+    p = tmp_path / "nocrs.tif"
+    with rasterio.open(p, "w", driver="GTiff", width=32, height=32, count=3,
+                       dtype="uint8") as dst:
+        dst.write(arr)
+    res = tuban("compare", p, SAMPLE / "2024-06" / "scene.tif", "-o", tmp_path / "out")
+    _assert_clean_failure(res, "nocrs.tif", "coordinate reference system")
+    assert not (tmp_path / "out").exists()
+
+
+def test_images_do_not_overlap(tmp_path: Path) -> None:
+    src = SAMPLE / "2024-03" / "scene.tif"
+    moved = tmp_path / "elsewhere.tif"
+    with rasterio.open(src) as s:
+        prof = s.profile
+        prof["transform"] = s.transform * s.transform.translation(50_000, 0)
+        with rasterio.open(moved, "w", **prof) as d:
+            d.write(s.read())
+    res = tuban("compare", src, moved, "-o", tmp_path / "out")
+    _assert_clean_failure(res, "overlap")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_band_roles(tmp_path: Path) -> None:
+    b, a = SAMPLE / "2024-03" / "scene.tif", SAMPLE / "2024-06" / "scene.tif"
+    res = tuban("compare", b, a, "-o", tmp_path / "out", "--bands", "red=9,green=2,blue=1")
+    _assert_clean_failure(res, "scene.tif", "band")
+    res = tuban("compare", b, a, "-o", tmp_path / "out", "--bands", "red:3")
+    _assert_clean_failure(res, "--bands", "red=3")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_config_names_key(tmp_path: Path) -> None:
+    cfg = sample_config(tmp_path, blocksize=256)
+    res = tuban("run", cfg)
+    _assert_clean_failure(res, "sample.yaml", "blocksize")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_verbose_shows_traceback(tmp_path: Path) -> None:
+    res = tuban("-v", "compare", tmp_path / "nope.tif", tmp_path / "nope2.tif", "-o",
+                tmp_path / "o")
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_compare_with_bands_and_rules(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    res = tuban("compare", SAMPLE / "2024-03" / "scene.tif", SAMPLE / "2024-06" / "scene.tif",
+                "-o", out, "--bands", "blue=1,green=2,red=3,nir=4", "--rules",
+                SAMPLE / "rules", "--config", ROOT / "configs" / "sample.yaml")
+    assert res.returncode == 0, res.stderr
+    gj = gpd.read_file(out / "patches.geojson")
+    assert set(gj["status"]) == {"new"}
+    assert set(gj["category"]) & set(VIOLATIONS)
+    assert not (tmp_path / "register.gpkg").exists()
