@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from accuracy import DEFAULT_CASES, Case, counts, iter_case_dirs, load_case, macro, scores  # noqa: E402
 
 from pipeline.detect import features as F  # noqa: E402
-from pipeline.detect.learned import decide_raw, smooth_score  # noqa: E402
+from pipeline.detect.learned import decide_raw, predict_map  # noqa: E402
 
 PARAMS: dict = {
     "objective": "binary", "learning_rate": 0.05, "num_leaves": 31, "min_data_in_leaf": 200,
@@ -188,10 +188,8 @@ def run(kind: str, cases: list[Case], out: Path, seed: int, dump: Path | None = 
             booster = train(x[m], y[m], w[m], names, seed)
             for i in test:
                 c, st = use[i], stacks[i]
-                raw = booster.predict(st.reshape(len(names), -1).T,
-                                      num_threads=2).reshape(c.label.shape)
-                scored.append((c.dataset, smooth_score(raw, c.valid, c.res_m), c.label,
-                               c.valid, c.res_m))
+                raw = predict_map(booster, st, c.valid, c.res_m)
+                scored.append((c.dataset, raw, c.label, c.valid, c.res_m))
             oof.append((booster.predict(x[~m], num_threads=2), y[~m], w[~m]))
             print(f"[{kind}] {proto} fold {fname} done ({time.perf_counter() - t0:.0f}s)",
                   flush=True)

@@ -76,8 +76,9 @@ def process_block(job: BlockJob, block: Block) -> BlockResult:
         job.before, job.after, job.grid, block.outer, job.params,
         cloud_mask=job.detection.cloud_mask)
     res = job.grid.res
-    det = _detector(job.detection.method, job.before.roles, res)
-    evidence = det(before, after, valid, job.before.roles, res)
+    roles = job.params.roles
+    det = _detector(job.detection.method, roles, res)
+    evidence = det(before, after, valid, roles, res)
     outer_grid = job.grid.subgrid(block.outer)
     masks = classify.rasterize_rules(_rules_for(job.rules, outer_grid), outer_grid)
     core = block.inner_slices
@@ -122,7 +123,7 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
                                      max_shift_px=detection.max_shift_px)
         log.info("alignment: shift %s px, gain %s", params.shift_px,
                  np.round(np.asarray(params.gain), 3).tolist())
-    det = _detector(detection.method, before.roles, grid.res)
+    det = _detector(detection.method, params.roles, grid.res)
     halo = max(DEFAULT_HALO, int(getattr(det, "halo", 0)))
     job = BlockJob(before, after, grid, params, rules, detection, categories, resampling)
     blocks = list(grid.blocks(block_size, halo=halo))

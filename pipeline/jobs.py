@@ -78,7 +78,7 @@ class ChipSource:
         win = Window(round(c0), round(r0), max(1, round(c1 - c0)), max(1, round(r1 - r0)))
         b, a, valid = align.read_aligned_block(self.before, self.after, self.grid, win,
                                                self.params, cloud_mask=False)
-        rgb = [list(self.before.roles).index(r) for r in ("red", "green", "blue")]
+        rgb = [list(self.params.roles).index(r) for r in ("red", "green", "blue")]
         chips = export.stretch_rgb(b[rgb], valid), export.stretch_rgb(a[rgb], valid)
         self._last = (bounds, chips)
         return chips
@@ -212,9 +212,6 @@ def compare(before_path: str | Path, after_path: str | Path, outdir: str | Path,
     with timings.stage("ingest"):
         before = ingest.open_image(before_path, bands=bands, name="before")
         after = ingest.open_image(after_path, bands=bands, name="after")
-    if before.roles != after.roles:
-        raise InputError(f"{after_path}: band roles {after.roles} differ from {before_path} "
-                         f"{before.roles}; pass --bands for both")
     crs, res = _auto_grid(before, after)
     data: dict[str, Any] = {} if base_cfg is None else base_cfg.model_dump(
         by_alias=True, exclude={"base_dir", "periods", "rules", "admin", "register_path"})

@@ -97,6 +97,27 @@ def load_model(kind: str, model_dir: Path = MODEL_DIR) -> Model:
                  float(cal["slope"]), meta)
 
 
+def predict_stride(res_m: float) -> int:
+    """Pixel stride of the model evaluation: features are smooth over ~3 m, so sub-metre
+    imagery is scored on every second pixel and filled in (4x faster, same decisions)."""
+    return 2 if res_m < 1.0 else 1
+
+
+def predict_map(booster: Any, stack: np.ndarray, valid: np.ndarray, res_m: float,
+                threads: int = 2) -> np.ndarray:
+    """Raw model score per pixel (0 where not valid), smoothed by :func:`smooth_score`."""
+    h, w = valid.shape
+    k = predict_stride(res_m)
+    sub_valid = valid[::k, ::k]
+    sub = np.zeros(sub_valid.shape, np.float32)
+    if sub_valid.any():
+        x = np.ascontiguousarray(stack[:, ::k, ::k][:, sub_valid].T)
+        sub[sub_valid] = booster.predict(x, num_threads=threads)
+    raw = np.repeat(np.repeat(sub, k, 0), k, 1)[:h, :w] if k > 1 else sub
+    sub_mask = np.repeat(np.repeat(sub_valid, k, 0), k, 1)[:h, :w] & valid
+    return smooth_score(raw, sub_mask, res_m) * valid
+
+
 def smooth_score(score: np.ndarray, valid: np.ndarray, res_m: float) -> np.ndarray:
     """Mean of the score over valid pixels in a ``(2r+1)²`` window, r = max(1, 1 m / res_m)."""
     r = max(1, int(round(1.0 / res_m)))
@@ -187,8 +208,7 @@ class LearnedDetector:
         h, w = valid.shape
         change = np.zeros((h, w), np.float32)
         if valid.any():
-            raw = np.zeros((h, w), np.float32)
-            raw[valid] = model.booster.predict(stack[:, valid].T, num_threads=self.threads)
-            change = np.where(valid, model.calibrate(smooth_score(raw, valid, res_m)), 0.0)
+            raw = predict_map(model.booster, stack, valid, res_m, self.threads)
+            change = np.where(valid, model.calibrate(raw), 0.0)
         evidence = spectral_evidence(before, after, valid, roles)
         return {"change": change.astype(np.float32), **evidence}
