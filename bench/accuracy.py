@@ -194,11 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     trained: set[str] = set()
     held_out: dict = {}
+    held_cases: dict = {}
     meta_path = ROOT / "pipeline" / "models" / "learned_rgb.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         trained = set(meta.get("training_cases", []))
         held_out = meta.get("held_out", {})
+        held_cases = meta.get("held_out_cases", {})
     acc: dict[str, dict[str, float]] = {}
     ref: dict[str, dict[str, float]] = {}
     per_case = []
@@ -230,13 +232,18 @@ def main(argv: list[str] | None = None) -> int:
     print(_table(ref_rows, "reference (change vector + Otsu)"))
     if held_out:
         print()
-        print(_table(held_out, "held-out (leave-one-dataset-out, from training): the honest "
-                               "figures"))
+        print(_table(held_out, "held-out, leave-one-dataset-out (from training): the honest "
+                               "figures for unseen sensors"))
+    if held_cases:
+        print()
+        print(_table(held_cases, "held-out, 3-fold split by case within each dataset (from "
+                                 "training)"))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "mode": "direct" if args.direct else "compare", "cases": str(args.cases),
         "object_cover": OBJECT_COVER, "seconds": time.perf_counter() - t0,
         "datasets": rows, "reference": ref_rows, "held_out_lodo": held_out,
+        "held_out_cases": held_cases,
         "per_case": per_case}, indent=1))
     return 0
 

@@ -95,6 +95,13 @@ def train(x: np.ndarray, y: np.ndarray, w: np.ndarray, names: list[str],
 
 GRID = np.round(np.arange(0.30, 0.96, 0.025), 3)
 N_FOLDS = 3
+#: resolution classes (upper bound in metres) that get their own decision threshold
+RES_CLASSES: tuple[float, ...] = (2.0, 1e9)
+
+
+def res_class(res_m: float) -> float:
+    """Upper bound of the resolution class of ``res_m``."""
+    return next(c for c in RES_CLASSES if res_m <= c)
 
 
 def group_of(case: Case) -> str:
@@ -180,7 +187,8 @@ def run(kind: str, cases: list[Case], out: Path, seed: int, dump: Path | None = 
     case_ids = np.concatenate([np.full(len(v), i) for i, v in enumerate(ys)])
     protocols = {"lodo": lodo_folds(use, eval_sets), "cases": case_folds(use, eval_sets, seed)}
     held: dict[str, dict] = {}
-    t_cal, slope = 0.5, 1.0
+    thresholds: dict[str, float] = {}
+    slope = 1.0
     for proto, folds in protocols.items():
         scored, oof = [], []
         for fname, test in folds:
@@ -198,21 +206,36 @@ def run(kind: str, cases: list[Case], out: Path, seed: int, dump: Path | None = 
                 f"{i}|{d}|{res}": np.stack([raw, label.astype(float), valid.astype(float)])
                 for i, (d, raw, label, valid, res) in enumerate(scored)})
         t_all, rows_all = best_threshold(scored, GRID)
-        rows: dict[str, dict[str, float]] = {}
-        for d in sorted(eval_sets):  # honest: threshold for d chosen on the other datasets
+        rows: dict[str, dict] = {}
+        for d in sorted(eval_sets):
+            # threshold for d: chosen on other datasets of its resolution class (cases protocol),
+            # else on all other datasets; a class with d alone falls back to d's own
+            # out-of-fold scores under the cases protocol (said so in the row)
+            res_d = next(s[4] for s in scored if s[0] == d)
+            same = [s for s in scored if s[0] != d and res_class(s[4]) == res_class(res_d)]
             others = [s for s in scored if s[0] != d]
-            t_d = best_threshold(others, GRID)[0] if others else t_all
-            rows[d] = {**_rows([s for s in scored if s[0] == d], t_d)[d], "threshold": t_d}
-        rows["macro"] = macro(rows)
+            if proto == "cases":
+                pool, src = ((same, "same-class datasets") if same else
+                             ([s for s in scored if s[0] == d], "own out-of-fold"))
+            else:
+                pool, src = others, "other datasets"
+            t_d = best_threshold(pool, GRID)[0]
+            rows[d] = {**_rows([s for s in scored if s[0] == d], t_d)[d], "threshold": t_d,
+                       "threshold_from": src}
+        rows["macro"] = macro({k: {m: v for m, v in r.items() if isinstance(v, float)}
+                               for k, r in rows.items()})
         held[proto] = rows
         for d, r in rows.items():
             print(f"[{kind}] {proto} held-out {d:<9} P {r['precision']:.3f} "
                   f"R {r['recall']:.3f} F1 {r['f1']:.3f} IoU {r['iou']:.3f} "
-                  f"objR {r['object_recall']:.3f}")
+                  f"objR {r['object_recall']:.3f}  t {r.get('threshold', '')}")
         print(f"[{kind}] {proto}: best single threshold {t_all} (out-of-fold macro F1 "
               f"{macro(rows_all)['f1']:.3f})", flush=True)
-        if proto == "cases":  # calibrate on the within-domain held-out scores
-            t_cal = t_all
+        if proto == "cases":  # calibrate per resolution class on the within-domain scores
+            for cls in RES_CLASSES:
+                pool = [s for s in scored if res_class(s[4]) == cls]
+                if pool:
+                    thresholds[str(cls)] = best_threshold(pool, GRID)[0]
             slope = platt(*(np.concatenate(v) for v in zip(*oof, strict=True)))
 
     booster = train(x, y, w, names, seed)
@@ -223,11 +246,14 @@ def run(kind: str, cases: list[Case], out: Path, seed: int, dump: Path | None = 
     meta = {
         "name": f"learned_{kind}", "model": model_path.name, "format": "lightgbm-text",
         "lightgbm": lgb.__version__, "features": names, "feature_set": kind,
-        "calibration": {"method": "platt-prior-shift", "threshold_raw": t_cal,
+        "calibration": {"method": "platt-prior-shift",
+                        "threshold_raw_by_max_res_m": thresholds,
                         "slope": slope,
-                        "note": "p = sigmoid(slope * (logit(raw) - logit(threshold_raw))): "
+                        "note": "p = sigmoid(slope * (logit(raw) - logit(t))), t = threshold of "
+                                "the finest class whose max_res_m >= res_m: "
                                 "Platt scaling on leave-one-dataset-out scores, prior-shifted "
-                                "so that 0.5 is the macro-F1-optimal decision threshold"},
+                                "so that 0.5 is the macro-F1-optimal decision threshold of "
+                                "each resolution class (case-split out-of-fold scores)"},
         "training_cases": [f"{c.dataset}/{c.path.name}" for c in use],
         "held_out": held["lodo"], "held_out_cases": held["cases"],
         "held_out_protocol": "held_out: leave-one-dataset-out; held_out_cases: 3-fold split "

@@ -1,8 +1,9 @@
 """Per-pixel, multi-scale change features for the learned detector (pure numpy/scipy).
 
 Every feature is local: a pixel's value depends only on the pixels within :func:`halo_px` of it,
-plus the per-image stretch statistics, which default to the block's own valid pixels but can be
-passed in (``stretch``) so that a blocked run reproduces a whole-image run exactly.
+plus scene statistics: the per-image 2–98 % stretch (default: the block's own valid pixels, or
+passed in as ``stretch``) and the block medians that the ``*_rel`` features divide by. Blocks of
+a few hundred pixels or more give nearly the same values as the whole image.
 
 Neighbourhood sizes are tied to metres (``res_m``) and clamped to a pixel range, so one model
 serves 0.5 m aerial imagery and 30 m Landsat alike.

@@ -39,13 +39,18 @@ class Model:
 
     booster: Any
     features: tuple[str, ...]
-    threshold_raw: float
+    #: decision threshold on the raw score per resolution class, finest first: (max_res_m, t)
+    thresholds: tuple[tuple[float, float], ...]
     slope: float
     meta: dict = field(repr=False)
 
-    def calibrate(self, raw: np.ndarray) -> np.ndarray:
+    def threshold_raw(self, res_m: float) -> float:
+        """Raw-score decision threshold for imagery of ``res_m``."""
+        return next((t for m, t in self.thresholds if res_m <= m), self.thresholds[-1][1])
+
+    def calibrate(self, raw: np.ndarray, res_m: float) -> np.ndarray:
         """Map raw scores to probabilities with 0.5 at the decision threshold."""
-        return calibrate(raw, self.threshold_raw, self.slope)
+        return calibrate(raw, self.threshold_raw(res_m), self.slope)
 
 
 def _logit(p: np.ndarray | float) -> np.ndarray:
@@ -93,8 +98,8 @@ def load_model(kind: str, model_dir: Path = MODEL_DIR) -> Model:
     meta = json.loads(js.read_text())
     booster = lgb.Booster(model_file=str(txt))
     cal = meta["calibration"]
-    return Model(booster, tuple(meta["features"]), float(cal["threshold_raw"]),
-                 float(cal["slope"]), meta)
+    ts = sorted((float(m), float(t)) for m, t in cal["threshold_raw_by_max_res_m"].items())
+    return Model(booster, tuple(meta["features"]), tuple(ts), float(cal["slope"]), meta)
 
 
 def predict_stride(res_m: float) -> int:
@@ -209,6 +214,6 @@ class LearnedDetector:
         change = np.zeros((h, w), np.float32)
         if valid.any():
             raw = predict_map(model.booster, stack, valid, res_m, self.threads)
-            change = np.where(valid, model.calibrate(raw), 0.0)
+            change = np.where(valid, model.calibrate(raw, res_m), 0.0)
         evidence = spectral_evidence(before, after, valid, roles)
         return {"change": change.astype(np.float32), **evidence}
