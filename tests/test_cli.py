@@ -222,3 +222,24 @@ def test_compare_with_bands_and_rules(tmp_path: Path) -> None:
     assert set(gj["status"]) == {"new"}
     assert set(gj["category"]) & set(VIOLATIONS)
     assert not (tmp_path / "register.gpkg").exists()
+
+
+def test_verify_false_positive_suppresses_reissue(sample_run: tuple[Path, Path],
+                                                   tmp_path: Path) -> None:
+    cfg, first = sample_run
+    gj = gpd.read_file(first / "patches.geojson")
+    pid = gj.loc[gj["category"] == "illegal_construction", "patch_id"].iloc[0]
+    results = tmp_path / "field.csv"
+    results.write_text(f"patch_id,verification\n{pid},误报\n", encoding="utf-8-sig")
+    res = tuban("verify", cfg, results)
+    assert res.returncode == 0, res.stderr
+    assert "1 patches updated" in res.stdout
+    res = tuban("run", cfg, "--run-id", "after-verify")
+    assert res.returncode == 0, res.stderr
+    again = gpd.read_file(first.parent / "after-verify" / "patches.geojson")
+    assert again.loc[again["patch_id"] == pid, "status"].tolist() == ["suppressed"]
+    tasks = (first.parent / "after-verify" / "tasks.csv").read_text(encoding="utf-8-sig")
+    assert pid not in tasks
+    bad = tmp_path / "bad.csv"
+    bad.write_text("patch_id,verification\nTB-nope,误报\n", encoding="utf-8")
+    _assert_clean_failure(tuban("verify", cfg, bad), "bad.csv", "TB-nope")

@@ -88,3 +88,21 @@ def evaluate(patches: Path, truth: Path | None, label: Path | None,
     if json_out:
         json_out.write_text(text + "\n", encoding="utf-8")
     click.echo(text)
+
+
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("results", type=click.Path(path_type=Path))
+def verify(config: Path, results: Path) -> None:
+    """Import field verification RESULTS (CSV or vector: patch_id, verification) into the
+    register of CONFIG. verification: verified_violation, false_positive, legal_permit,
+    rectified (or 属实 / 误报 / 合法 / 已整改)."""
+    from ..config import load_config
+    from ..errors import ConfigError
+    from ..track import Register
+
+    cfg = load_config(config)
+    if not cfg.register_path:
+        raise ConfigError(f"{config}: no register configured; set register: PATH")
+    n = Register(cfg.path(cfg.register_path)).import_verification(results)
+    click.echo(f"{n} patches updated")
