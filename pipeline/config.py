@@ -34,6 +34,7 @@ class PeriodConfig(_Model):
     scale: float | None = None  # DN -> reflectance multiplier; None = preset or auto
     offset: float = 0.0
     nodata: float | None = None
+    qa: bool = True  # use the product's cloud mask (SCL, QA60, QA_PIXEL) when it has one
 
 
 class RuleLayerConfig(_Model):

@@ -1,10 +1,20 @@
 """Ingest: describe each period's imagery, read windows of it onto the working grid, load rules.
 
 Nothing here reads a whole image at full resolution. ``open_period``/``open_image`` read only
-metadata (plus a ≤256 px thumbnail to pick a scale when nothing else says). ``read_block`` reads,
-for each tile, the source window under one grid window (plus a few pixels of resampling
-context), decimated with ``out_shape`` when the grid is coarser than the source, and warps it
-with ``rasterio.warp.reproject``. ``read_overview`` is ``read_block`` on a coarsened grid.
+metadata (plus a ≤256 px thumbnail to pick a scale when nothing else says). A period is one of:
+
+- multi-band GeoTIFF tiles (files, folders or globs), band roles from ``bands:``/``--bands``, a
+  sensor preset, or the files' band descriptions / colour interpretation;
+- per-band product files (Sentinel-2 ``*_B04.tif``, Landsat ``*_SR_B4.TIF``), recognised by
+  name and grouped into tiles by file-name prefix, with their ``SCL``/``QA60``/``QA_PIXEL``
+  masks (:mod:`pipeline.sensors`);
+- a STAC Item / ItemCollection / Catalog JSON with local assets (:mod:`pipeline.stac`).
+
+``read_block`` reads, for each tile and each file of it, the source window under one grid window
+(plus a few pixels of resampling context), decimated with ``out_shape`` when the grid is coarser
+than the source, and warps it with ``rasterio.warp.reproject`` (20/60 m bands are thus resampled
+onto a 10 m grid). Product quality masks are folded into its ``valid`` mask. ``read_overview``
+is ``read_block`` on a coarsened grid.
 """
 
 from __future__ import annotations
@@ -12,9 +22,10 @@ from __future__ import annotations
 import datetime as dt
 import glob
 import hashlib
+import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import get_args
 
@@ -32,6 +43,8 @@ from rasterio.transform import array_bounds
 from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window, from_bounds
 
+from . import qa as qa_masks
+from . import stac
 from .config import PeriodConfig, PipelineConfig
 from .errors import (
     BandRoleError,
@@ -43,40 +56,45 @@ from .errors import (
     NotRasterError,
 )
 from .grid import Grid, norm_crs
-from .sensors import Preset, resolve_preset
+from .sensors import (
+    DEFAULT_ROLES,
+    NAME_ROLES,
+    BandSet,
+    QaKind,
+    group_band_files,
+    resolve_preset,
+)
 from .types import BandRole, BBox, Resampling
+
+log = logging.getLogger(__name__)
 
 #: Canonical output band order.
 ROLE_ORDER: tuple[str, ...] = get_args(BandRole)
-RASTER_EXTS = (".tif", ".tiff")
+RASTER_EXTS = (".tif", ".tiff", ".jp2")
 
 # Band descriptions / common names -> role (Sentinel-2 B01..B12, Landsat-8 SR_B1..SR_B7,
 # STAC eo common names).
-_DESC_ROLES: dict[str, str] = {
-    "red": "red", "r": "red", "green": "green", "g": "green", "blue": "blue", "b": "blue",
-    "nir": "nir", "nir08": "nir", "near infrared": "nir", "near-infrared": "nir", "nir1": "nir",
-    "swir1": "swir1", "swir16": "swir1", "swir 1": "swir1", "swir2": "swir2", "swir22": "swir2",
-    "swir 2": "swir2", "coastal": "coastal", "coastal aerosol": "coastal", "pan": "pan",
-    "panchromatic": "pan", "rededge1": "rededge1", "rededge2": "rededge2",
-    "rededge3": "rededge3", "rededge4": "rededge4", "rededge": "rededge1",
-    "b01": "coastal", "b02": "blue", "b03": "green", "b04": "red", "b05": "rededge1",
-    "b06": "rededge2", "b07": "rededge3", "b08": "nir", "b8a": "rededge4", "b11": "swir1",
-    "b12": "swir2",
-    "sr_b1": "coastal", "sr_b2": "blue", "sr_b3": "green", "sr_b4": "red", "sr_b5": "nir",
-    "sr_b6": "swir1", "sr_b7": "swir2",
-}
+_DESC_ROLES: dict[str, str] = NAME_ROLES
 _CI_ROLES = {ColorInterp.red: "red", ColorInterp.green: "green", ColorInterp.blue: "blue"}
 
 
 @dataclass(frozen=True)
 class Tile:
-    """One file of a period: enough metadata to plan reads without reopening for it."""
+    """One tile of a period: enough metadata to plan reads without reopening for it.
+
+    ``path`` is the tile's (reference) file and ``crs``/``bounds``/``shape`` describe it.
+    ``bands`` gives, per role of the source (``ImageSource.roles`` order), the file and 1-based
+    band to read: one multi-band file, or one file per band (per-band products, STAC assets),
+    each on its own grid. ``qa`` lists product mask rasters folded into the valid mask.
+    """
 
     path: Path
     crs: CRS
     bounds: BBox  # in the tile's own CRS
     shape: tuple[int, int]
     count: int
+    bands: tuple[tuple[Path, int], ...] = ()
+    qa: tuple[tuple[Path, QaKind], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,8 +136,8 @@ def _expand_images(entries: list[str] | tuple[str, ...], base_dir: Path) -> list
             hits = sorted(h for h in p.iterdir()
                           if h.is_file() and h.suffix.lower() in RASTER_EXTS)
             if not hits:
-                raise MissingFileError(f"{p}: folder holds no *.tif/*.tiff; put the GeoTIFFs "
-                                       "there or name the files")
+                raise MissingFileError(f"{p}: folder holds no *.tif/*.tiff/*.jp2; put the GeoTIFFs "
+                                       "there or name the files (or a STAC *.json)")
             out += hits
         elif p.is_file():
             out.append(p)
@@ -186,24 +204,33 @@ def _check_roles(bands: dict[str, int], count: int, path: Path) -> dict[str, int
     return bands
 
 
-def _auto_scale(ds: rasterio.DatasetReader, band: int, preset: Preset | None) -> float:
+def _scale_for(ds: rasterio.DatasetReader, band: int, *, hint: float | None = None,
+               hint_offset: float | None = None, bit_depth: int | None = None,
+               ) -> tuple[float, float]:
+    """(scale, offset) for DN -> reflectance: the data type first, then the product's factor
+    (``hint``), then the sensor's bit depth, else DN / 10000."""
     dtype = np.dtype(ds.dtypes[band - 1])
     if dtype == np.uint8:
-        return 1.0 / 255.0
+        return 1.0 / 255.0, 0.0
     f = max(1, math.ceil(max(ds.height, ds.width) / 256))
     thumb = ds.read(band, out_shape=(max(1, ds.height // f), max(1, ds.width // f)),
                     masked=True).astype("float64")
     vals = thumb.compressed()
     vals = vals[np.isfinite(vals) & (vals != 0)]
     p99 = float(np.percentile(vals, 99)) if vals.size else 0.0
-    if dtype.kind == "f":
-        return 1.0 if p99 <= 1.5 else (1.0 / 255.0 if p99 <= 255 else 1e-4)
-    if preset is not None and preset.bit_depth and p99 <= 2 ** preset.bit_depth:
-        return 1.0 / (2 ** preset.bit_depth - 1)
-    return 1e-4
+    if dtype.kind == "f" and p99 <= 255:
+        return (1.0, 0.0) if p99 <= 1.5 else (1.0 / 255.0, 0.0)
+    if hint is not None:
+        return float(hint), float(hint_offset or 0.0)
+    if bit_depth and p99 <= 2 ** bit_depth:
+        return 1.0 / (2 ** bit_depth - 1), 0.0
+    if bit_depth == 8 and vals.size:  # 8-bit sensor delivered as 16-bit: its actual range
+        bits = max(8, math.ceil(math.log2(float(vals.max()) + 1)))
+        return 1.0 / (2 ** bits - 1), 0.0
+    return 1e-4, 0.0
 
 
-def _open_tiles(paths: list[Path]) -> list[Tile]:
+def _open_tiles(paths: list[Path], *, same_count: bool = True) -> list[Tile]:
     tiles: list[Tile] = []
     for p in paths:
         if not p.exists():
@@ -219,7 +246,7 @@ def _open_tiles(paths: list[Path]) -> list[Tile]:
         except RasterioIOError:
             raise NotRasterError(f"{p}: not a raster GDAL can read; give a GeoTIFF") from None
     counts = {t.count for t in tiles}
-    if len(counts) > 1:
+    if same_count and len(counts) > 1:
         a, b = tiles[0], next(t for t in tiles if t.count != tiles[0].count)
         raise BandRoleError(f"{b.path}: has {b.count} bands but {a.path} has {a.count}; tiles "
                             "of one period must share the band layout, split them into periods "
@@ -234,9 +261,33 @@ def _union_bounds(tiles: list[Tile], crs: CRS) -> BBox:
             max(b[3] for b in bs))
 
 
-def _build_source(paths: list[Path], *, name: str, date: dt.date | None, sensor: str | None,
-                  bands: dict[str, int] | None, scale: float | None, offset: float | None,
-                  nodata: float | None) -> ImageSource:
+def _native_res_m(tile: Tile) -> float:
+    """Mean pixel size of ``tile`` in metres (approx. for geographic CRSs)."""
+    lat = (tile.bounds[1] + tile.bounds[3]) / 2 if tile.crs.is_geographic else 0.0
+    mx, my = _metres_per_unit(tile.crs, lat)
+    rx = (tile.bounds[2] - tile.bounds[0]) / tile.shape[1]
+    ry = (tile.bounds[3] - tile.bounds[1]) / tile.shape[0]
+    return float((abs(rx) * mx + abs(ry) * my) / 2)
+
+
+def _date_from_names(paths: list[Path] | tuple[Path, ...]) -> dt.date | None:
+    for p in paths:
+        if d := (_date_from_text(p.name) or _date_from_text(p.parent.name)):
+            return d
+    return None
+
+
+def _single_band_folder_error(tiles: list[Tile]) -> BandRoleError:
+    where = tiles[0].path.parent
+    return BandRoleError(f"{where}: holds {len(tiles)} single-band files but none is named like "
+                         "a Sentinel-2 (*_B04.tif) or Landsat (*_SR_B4.TIF) band; rename them "
+                         "so, or stack them into one multi-band GeoTIFF")
+
+
+def _source_from_files(paths: list[Path], *, name: str, date: dt.date | None,
+                       sensor: str | None, bands: dict[str, int] | None, scale: float | None,
+                       offset: float | None, nodata: float | None) -> ImageSource:
+    """Multi-band tiles: every file holds every band, in the same order."""
     tiles = _open_tiles(paths)
     first = tiles[0]
     preset = resolve_preset(sensor) if sensor else None
@@ -247,31 +298,114 @@ def _build_source(paths: list[Path], *, name: str, date: dt.date | None, sensor:
             roles = dict(preset.bands)
         else:
             roles = _roles_from_descriptions(ds)
+            if len(tiles) > 1 and first.count == 1 and not roles:
+                raise _single_band_folder_error(tiles)
         roles = _check_roles(roles, ds.count, first.path)
         order = [r for r in ROLE_ORDER if r in roles]
         if scale is None:
-            scale = preset.scale if preset and preset.scale else _auto_scale(
-                ds, roles["red"], preset)
-        if offset is None:
-            offset = preset.offset if preset is not None and scale == preset.scale else 0.0
+            scale, offset = _scale_for(
+                ds, roles["red"], hint=preset.scale if preset else None,
+                hint_offset=preset.offset if preset else None,
+                bit_depth=preset.bit_depth if preset else None)
         if nodata is None:
             nodata = ds.nodata
         if date is None:
             date = _date_from_tags({**ds.tags(), **ds.tags(ns="IMAGERY")})
         dtype = ds.dtypes[roles["red"] - 1]
-        lat = (first.bounds[1] + first.bounds[3]) / 2 if first.crs.is_geographic else 0.0
-        mx, my = _metres_per_unit(first.crs, lat)
-        res = float((abs(ds.res[0]) * mx + abs(ds.res[1]) * my) / 2)
-    if date is None:
-        for p in paths:
-            if d := (_date_from_text(p.name) or _date_from_text(p.parent.name)):
-                date = d
-                break
+    index = tuple(int(roles[r]) for r in order)
+    tiles = [replace(t, bands=tuple((t.path, i) for i in index)) for t in tiles]
     return ImageSource(
-        name=name, date=date, sensor=sensor or (preset.name if preset else "unknown"),
-        paths=tuple(paths), roles=tuple(order), band_index=tuple(int(roles[r]) for r in order),
-        scale=float(scale), offset=float(offset), nodata=nodata, crs=first.crs,
-        bounds=_union_bounds(tiles, first.crs), res=res, dtype=str(dtype), tiles=tuple(tiles))
+        name=name, date=date or _date_from_names(paths),
+        sensor=sensor or (preset.name if preset else "unknown"), paths=tuple(paths),
+        roles=tuple(order), band_index=index, scale=float(scale), offset=float(offset or 0.0),
+        nodata=nodata, crs=first.crs, bounds=_union_bounds(tiles, first.crs),
+        res=_native_res_m(first), dtype=str(dtype), tiles=tuple(tiles))
+
+
+def _bandset_roles(sets: list[BandSet], bands: dict[str, int] | None, where: Path) -> list[str]:
+    wanted = set(bands) if bands else set(DEFAULT_ROLES)
+    bad = sorted(wanted - set(ROLE_ORDER))
+    if bad:
+        raise BandRoleError(f"{where}: unknown band role {bad[0]!r}; use one of "
+                            f"{', '.join(ROLE_ORDER)}")
+    roles = [r for r in ROLE_ORDER if r in wanted and all(r in s.bands for s in sets)]
+    missing = [r for r in ("red", "green", "blue") if r not in roles]
+    if missing:
+        s = next(s for s in sets if any(r not in s.bands for r in missing))
+        have = ", ".join(sorted(s.bands)) or "none"
+        raise BandRoleError(f"{where}: tile {s.key} has no {'/'.join(missing)} band (has: "
+                            f"{have}); add the missing band files/assets or give bands: with "
+                            "roles it has")
+    return roles
+
+
+def _source_from_bandsets(sets: list[BandSet], where: Path, *, name: str,
+                          date: dt.date | None, sensor: str | None,
+                          bands: dict[str, int] | None, scale: float | None,
+                          offset: float | None, nodata: float | None,
+                          use_qa: bool) -> ImageSource:
+    """Tiles whose bands are separate files (per-band products, STAC assets)."""
+    preset = resolve_preset(sensor) if sensor else None
+    roles = _bandset_roles(sets, bands, where)
+    band_files = list(dict.fromkeys(p for s in sets for r in roles for p in [s.bands[r][0]]))
+    qa_files = list(dict.fromkeys(p for s in sets for p, _ in s.qa)) if use_qa else []
+    meta = {t.path: t for t in _open_tiles(band_files + qa_files, same_count=False)}
+    tiles: list[Tile] = []
+    for s in sets:
+        refs = [s.bands[r] for r in roles]
+        for p, i in refs:
+            if not 1 <= i <= meta[p].count:
+                raise BandRoleError(f"{p}: band {i} is out of range, the file has "
+                                    f"{meta[p].count} band(s); fix the STAC eo:bands")
+        ref = min((meta[p] for p, _ in refs), key=_native_res_m)
+        tiles.append(replace(ref, bands=tuple(refs), qa=s.qa if use_qa else ()))
+    first, red = sets[0], sets[0].bands["red"]
+    with rasterio.open(red[0]) as ds:
+        if scale is None:
+            hint, hint_off = first.scale, first.offset
+            if hint is None and preset is not None:
+                hint, hint_off = preset.scale, preset.offset
+            scale, offset = _scale_for(ds, red[1], hint=hint, hint_offset=hint_off,
+                                       bit_depth=preset.bit_depth if preset else None)
+        if nodata is None:
+            nodata = ds.nodata
+        dtype = ds.dtypes[red[1] - 1]
+        tag_date = _date_from_tags({**ds.tags(), **ds.tags(ns="IMAGERY")})
+    dates = [s.date for s in sets if s.date is not None]
+    date = date or (min(dates) if dates else None) or tag_date or _date_from_names(band_files)
+    res = first.res_m or _native_res_m(tiles[0])
+    return ImageSource(
+        name=name, date=date, sensor=sensor or first.sensor or "unknown",
+        paths=tuple(band_files + qa_files), roles=tuple(roles),
+        band_index=tuple(first.bands[r][1] for r in roles), scale=float(scale),
+        offset=float(offset or 0.0), nodata=nodata, crs=tiles[0].crs,
+        bounds=_union_bounds(tiles, tiles[0].crs), res=float(res), dtype=str(dtype),
+        tiles=tuple(tiles))
+
+
+def _build_source(paths: list[Path], *, name: str, date: dt.date | None, sensor: str | None,
+                  bands: dict[str, int] | None, scale: float | None, offset: float | None,
+                  nodata: float | None, use_qa: bool = True) -> ImageSource:
+    jsons = [p for p in paths if p.suffix.lower() == ".json"]
+    sets: list[BandSet] = []
+    where = paths[0].parent
+    if jsons:
+        if len(jsons) != len(paths):
+            other = next(p for p in paths if p not in jsons)
+            raise InputError(f"{other}: a period is either STAC JSON or image files, not both; "
+                             f"list {jsons[0].name} and the images in separate periods")
+        sets, where = [bs for j in jsons for bs in stac.read_bandsets(j)], jsons[0]
+    else:
+        sets, rest = group_band_files(paths, sensor)
+        if sets and rest:
+            log.warning("ignoring %d file(s) that are not bands of a recognised product: %s",
+                        len(rest), ", ".join(p.name for p in rest[:5]))
+    if sets:
+        return _source_from_bandsets(sets, where, name=name, date=date, sensor=sensor,
+                                     bands=bands, scale=scale, offset=offset, nodata=nodata,
+                                     use_qa=use_qa)
+    return _source_from_files(paths, name=name, date=date, sensor=sensor, bands=bands,
+                              scale=scale, offset=offset, nodata=nodata)
 
 
 def open_period(cfg: PeriodConfig, base_dir: Path) -> ImageSource:
@@ -280,16 +414,18 @@ def open_period(cfg: PeriodConfig, base_dir: Path) -> ImageSource:
     return _build_source(paths, name=cfg.name, date=cfg.date, sensor=cfg.sensor,
                          bands=dict(cfg.bands) if cfg.bands else None, scale=cfg.scale,
                          offset=cfg.offset if cfg.scale is not None else None,
-                         nodata=cfg.nodata)
+                         nodata=cfg.nodata, use_qa=bool(getattr(cfg, "qa", True)))
 
 
 def open_image(path: str | Path, *, bands: dict[str, int] | None = None,
-               sensor: str | None = None, name: str | None = None) -> ImageSource:
-    """Describe one image (a file, or a folder of tiles) for ``tuban compare``."""
+               sensor: str | None = None, name: str | None = None,
+               qa: bool = True) -> ImageSource:
+    """Describe one image for ``tuban compare``: a file, a folder of tiles or of per-band
+    product files, or a STAC JSON. ``qa=False`` ignores product cloud masks."""
     p = Path(path)
     paths = _expand_images([str(p)], Path.cwd())
     return _build_source(paths, name=name or p.stem, date=None, sensor=sensor, bands=bands,
-                         scale=None, offset=None, nodata=None)
+                         scale=None, offset=None, nodata=None, use_qa=qa)
 
 
 # ------------------------------------------------------------------------------------- grid
@@ -354,12 +490,14 @@ def _src_px_in_dst(ds: rasterio.DatasetReader, dst_crs: CRS) -> float:
     return max(min(abs(b[2] - b[0]), abs(b[3] - b[1])) / n, 1e-12)
 
 
-def _read_tile(tile: Tile, src: ImageSource, dst_transform: Affine, dst_shape: tuple[int, int],
-               dst_crs: CRS, resampling: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """One tile warped onto the destination window: (float32 DN with NaN, bool valid)."""
+def _warp_file(path: Path, indexes: list[int], dst_transform: Affine,
+               dst_shape: tuple[int, int], dst_crs: CRS, resampling: str,
+               nodata: float | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Bands ``indexes`` of one file warped onto the destination window:
+    (float32 DN with NaN, bool valid), or None when the file does not reach the window."""
     h, w = dst_shape
     left, bottom, right, top = array_bounds(h, w, dst_transform)
-    with rasterio.open(tile.path) as ds:
+    with rasterio.open(path) as ds:
         ratio = min(abs(dst_transform.a), abs(dst_transform.e)) / _src_px_in_dst(ds, dst_crs)
         win = _src_window(ds, (left, bottom, right, top), dst_crs, ratio)
         if win is None:
@@ -368,8 +506,8 @@ def _read_tile(tile: Tile, src: ImageSource, dst_transform: Affine, dst_shape: t
         out_h = max(1, math.ceil(win.height / factor))
         out_w = max(1, math.ceil(win.width / factor))
         down = RioResampling.average if factor > 1 else RioResampling.nearest
-        data = ds.read(list(src.band_index), window=win,
-                       out_shape=(len(src.band_index), out_h, out_w), resampling=down)
+        data = ds.read(indexes, window=win, out_shape=(len(indexes), out_h, out_w),
+                       resampling=down)
         mask = ds.dataset_mask(window=win, out_shape=(out_h, out_w),
                                resampling=RioResampling.nearest) > 0
         src_transform = ds.window_transform(win) @ Affine.scale(win.width / out_w,
@@ -378,8 +516,8 @@ def _read_tile(tile: Tile, src: ImageSource, dst_transform: Affine, dst_shape: t
     arr = data.astype("float32")
     mask &= np.isfinite(arr).all(axis=0)
     mask &= (arr != 0).any(axis=0)
-    if src.nodata is not None and np.isfinite(src.nodata):
-        mask &= (arr != np.float32(src.nodata)).any(axis=0)
+    if nodata is not None and np.isfinite(nodata):
+        mask &= (arr != np.float32(nodata)).any(axis=0)
     arr[:, ~mask] = np.nan
     out = np.full((arr.shape[0], h, w), np.nan, dtype="float32")
     rs = RioResampling[resampling]
@@ -392,6 +530,56 @@ def _read_tile(tile: Tile, src: ImageSource, dst_transform: Affine, dst_shape: t
               src_nodata=None, dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=None,
               resampling=RioResampling.nearest)
     valid = (vout > 0) & np.isfinite(out).all(axis=0)
+    return out, valid
+
+
+def _qa_invalid(path: Path, kind: QaKind, dst_transform: Affine, dst_shape: tuple[int, int],
+                dst_crs: CRS) -> np.ndarray | None:
+    """A product mask decoded (:mod:`pipeline.qa`) and put on the destination window (nearest);
+    True = not observed. None where the mask file does not reach the window."""
+    h, w = dst_shape
+    with rasterio.open(path) as ds:
+        ratio = min(abs(dst_transform.a), abs(dst_transform.e)) / _src_px_in_dst(ds, dst_crs)
+        win = _src_window(ds, array_bounds(h, w, dst_transform), dst_crs, ratio)
+        if win is None:
+            return None
+        factor = max(1, int(ratio))
+        out_h = max(1, math.ceil(win.height / factor))
+        out_w = max(1, math.ceil(win.width / factor))
+        codes = ds.read(1, window=win, out_shape=(out_h, out_w),
+                        resampling=RioResampling.nearest)
+        src_transform = ds.window_transform(win) @ Affine.scale(win.width / out_w,
+                                                                 win.height / out_h)
+        src_crs = ds.crs
+    bad = qa_masks.invalid_mask(kind, codes).astype("uint8")
+    out = np.zeros((h, w), dtype="uint8")  # outside the mask's footprint: no information
+    reproject(bad, out, src_transform=src_transform, src_crs=src_crs, src_nodata=None,
+              dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=None,
+              resampling=RioResampling.nearest)
+    return out > 0
+
+
+def _read_tile(tile: Tile, src: ImageSource, dst_transform: Affine, dst_shape: tuple[int, int],
+               dst_crs: CRS, resampling: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """One tile (all its band files, minus its product mask) on the destination window."""
+    refs = tile.bands or tuple((tile.path, i) for i in src.band_index)
+    groups: dict[Path, list[tuple[int, int]]] = {}
+    for pos, (p, i) in enumerate(refs):
+        groups.setdefault(p, []).append((pos, i))
+    out = np.full((len(refs), *dst_shape), np.nan, dtype="float32")
+    valid = np.ones(dst_shape, dtype=bool)
+    for p, items in groups.items():
+        got = _warp_file(p, [i for _, i in items], dst_transform, dst_shape, dst_crs,
+                         resampling, src.nodata)
+        if got is None:
+            return None
+        arr, v = got
+        out[[pos for pos, _ in items]] = arr
+        valid &= v
+    for p, kind in tile.qa:
+        bad = _qa_invalid(p, kind, dst_transform, dst_shape, dst_crs)
+        if bad is not None:
+            valid &= ~bad
     return out, valid
 
 

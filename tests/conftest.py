@@ -82,3 +82,26 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("shared data folder not present")
     return SHARED_DATA
+
+
+@pytest.fixture
+def make_band_files(make_raster: MakeRaster) -> Callable[..., list[Path]]:
+    """Factory writing one single-band GeoTIFF per entry of ``bands`` into ``folder``.
+
+    ``make_band_files(folder, prefix, {"B02": arr10m, "B11": arr20m, "SCL": scl20m}, res=10.0)``
+    writes ``<folder>/<prefix>_<key>.<ext>``; each array's pixel size is chosen so that all
+    files cover the same extent as a ``(h, w)`` grid of ``res`` (the first array's shape).
+    """
+
+    def _make(folder: str, prefix: str, bands: dict[str, np.ndarray], *, res: float = 10.0,
+              origin: tuple[float, float] = (500_000.0, 2_545_000.0), crs: Any = "EPSG:32650",
+              ext: str = "tif", nodata: float | None = None) -> list[Path]:
+        h0, _ = next(iter(bands.values())).shape
+        out = []
+        for key, arr in bands.items():
+            r = res * h0 / arr.shape[0]
+            out.append(make_raster(f"{folder}/{prefix}_{key}.{ext}", arr, crs=crs, res=r,
+                                   origin=origin, nodata=nodata))
+        return out
+
+    return _make

@@ -428,3 +428,176 @@ def test_real_oscd_after_on_another_grid(shared_data: Path) -> None:
     assert v.mean() > 0.9
     assert 0.0 < float(np.median(a[2, v])) < 0.5
     assert np.corrcoef(a[2, v], b[2, v])[0, 1] > 0.5
+
+
+# ------------------------------------------------------------------- per-band product files
+
+S2_PREFIX = "T50QKM_20240315T030541"
+
+
+def _s2_bands(n: int = 16) -> dict[str, np.ndarray]:
+    """Constant DN per band: 10 m bands n², 20 m (n/2)², 60 m (n/6)²; SCL at 20 m."""
+    ten = {b: np.full((n, n), v, "uint16") for b, v in
+           (("B02", 500), ("B03", 700), ("B04", 900), ("B08", 3000))}
+    twenty = {b: np.full((n // 2, n // 2), v, "uint16") for b, v in
+              (("B05", 1500), ("B8A", 3100), ("B11", 2000), ("B12", 1200))}
+    return {**ten, **twenty, "B01": np.full((max(1, n // 6), max(1, n // 6)), 400, "uint16")}
+
+
+def test_sentinel2_per_band_folder_is_recognised_and_resampled(make_band_files,
+                                                                tmp_path: Path) -> None:
+    make_band_files("s2", S2_PREFIX, _s2_bands())
+    (tmp_path / "s2" / "notes.txt").write_text("x")
+    src = open_period(PeriodConfig(name="p", images=["s2"]), tmp_path)
+    assert src.roles == ("blue", "green", "red", "nir", "swir1", "swir2")
+    assert (src.sensor, src.date, src.res) == ("Sentinel-2", dt.date(2024, 3, 15), 10.0)
+    assert (src.scale, src.offset) == (1e-4, 0.0)
+    assert [p.name.split("_")[-1] for p in src.paths] == [
+        "B02.tif", "B03.tif", "B04.tif", "B08.tif", "B11.tif", "B12.tif"]
+    tile = src.tiles[0]
+    assert tile.shape == (16, 16) and [p.name[-7:-4] for p, _ in tile.bands][-1] == "B12"
+    grid = Grid.from_bounds(src.bounds, 10.0, src.crs)
+    arr, valid = read_block(src, grid, Window(0, 0, 16, 16))
+    assert arr.shape == (6, 16, 16) and valid.all()
+    assert np.allclose(arr[:, 0, 0], [0.05, 0.07, 0.09, 0.30, 0.20, 0.12], atol=1e-6)
+    assert np.allclose(arr[4], 0.2)  # the 20 m band fills the 10 m grid
+    # bands: selects roles (the indices of a per-band product are its files)
+    red = open_period(PeriodConfig(name="p", images=["s2"], bands={
+        "blue": 1, "green": 1, "red": 1, "rededge4": 1}), tmp_path)
+    assert red.roles == ("blue", "green", "red", "rededge4")
+
+
+def test_sentinel2_l2a_names_baseline_offset_and_finest_copy(make_band_files,
+                                                            tmp_path: Path) -> None:
+    b = _s2_bands()
+    prefix = "T50QKM_20240315T030541"
+    make_band_files("safe/R10m", prefix, {f"{k}_10m": b[k] for k in ("B02", "B03", "B04")},
+                    ext="jp2")
+    make_band_files("safe/R10m", prefix, {"B02_60m": b["B01"]}, ext="jp2")
+    cfg = PeriodConfig(name="p", images=["safe/*/*.jp2"])
+    src = open_period(cfg, tmp_path)
+    assert src.roles == ("blue", "green", "red") and src.tiles[0].bands[0][0].name.endswith(
+        "B02_10m.jp2")
+    make_band_files("n05", "S2B_MSIL2A_20240315T030541_N0510_R075_T50QKM",
+                    {k: b[k] for k in ("B02", "B03", "B04")})
+    assert open_period(PeriodConfig(name="p", images=["n05"]), tmp_path).offset == -0.1
+
+
+def test_scl_mask_folds_into_valid(make_band_files, tmp_path: Path) -> None:
+    bands = _s2_bands()
+    scl = np.full((8, 8), 4, "uint8")  # vegetation
+    scl[0, 0], scl[1, 1], scl[2, 2], scl[3, 3], scl[4, 4] = 9, 3, 10, 0, 11  # cloud, shadow,
+    make_band_files("s2", S2_PREFIX, {**bands, "SCL_20m": scl})  # cirrus, no data, snow
+    src = open_period(PeriodConfig(name="p", images=["s2"]), tmp_path)
+    assert src.tiles[0].qa[0][1] == "scl" and src.paths[-1].name.endswith("SCL_20m.tif")
+    grid = Grid.from_bounds(src.bounds, 10.0, src.crs)
+    _, valid = read_block(src, grid, Window(0, 0, 16, 16), resampling="nearest")
+    expect = ~np.isin(np.kron(scl, np.ones((2, 2), int)), [0, 1, 3, 8, 9, 10])
+    assert (valid == expect).all() and (~valid).sum() == 16
+    off = open_period(PeriodConfig(name="p", images=["s2"], qa=False), tmp_path)
+    assert off.tiles[0].qa == () and read_block(off, grid, Window(0, 0, 16, 16))[1].all()
+
+
+def test_landsat_per_band_files_roles_scale_and_qa_pixel(make_band_files,
+                                                         tmp_path: Path) -> None:
+    n = 8
+    dn = {f"SR_B{i}": np.full((n, n), 10000 + 1000 * i, "uint16") for i in range(1, 8)}
+    qa = np.full((n, n), 1 << 6, "uint16")  # clear
+    qa[0, :] = 1 << 3  # cloud
+    qa[1, :] = 1 << 4  # cloud shadow
+    qa[2, :] = 1 << 7  # water: kept
+    make_band_files("l8", "LC09_L2SP_122044_20230510_20230520_02_T1",
+                    {**dn, "QA_PIXEL": qa, "ST_B10": np.ones((n, n), "uint16")}, res=30.0,
+                    origin=(499_980.0, 2_545_020.0))
+    src = open_period(PeriodConfig(name="p", images=["l8"]), tmp_path)
+    assert src.roles == ("blue", "green", "red", "nir", "swir1", "swir2")
+    assert (src.sensor, src.scale, src.offset, src.res) == ("Landsat-9", 2.75e-5, -0.2, 30.0)
+    assert src.tiles[0].bands[2][0].name.endswith("SR_B4.tif")
+    assert src.date == dt.date(2023, 5, 10)
+    grid = Grid.from_bounds(src.bounds, 30.0, src.crs)
+    arr, valid = read_block(src, grid, Window(0, 0, n, n))
+    assert not valid[:2].any() and valid[2:].all()
+    assert np.allclose(arr[2, 2:], 14000 * 2.75e-5 - 0.2)  # red = SR_B4
+    # TM / ETM+: band numbers mean other roles; Collection-2 L1 scaling
+    make_band_files("l5", "LT05_L1TP_122044_19990510_20200907_02_T1",
+                    {f"B{i}": np.full((n, n), 40 + i, "uint16") for i in (1, 2, 3, 4, 5, 7)},
+                    res=30.0, origin=(499_980.0, 2_545_020.0))
+    tm = open_period(PeriodConfig(name="p", images=["l5"]), tmp_path)
+    assert tm.sensor == "Landsat-5" and (tm.scale, tm.offset) == (2e-5, -0.1)
+    assert dict(zip(tm.roles, [p.name[-6:] for p, _ in tm.tiles[0].bands], strict=True))[
+        "blue"] == "B1.tif"
+
+
+def test_two_per_band_tiles_are_mosaicked(make_band_files, tmp_path: Path) -> None:
+    b = {k: v for k, v in _s2_bands().items() if k in ("B02", "B03", "B04")}
+    make_band_files("m", "T50QKM_20240315", b)
+    make_band_files("m", "T50QLM_20240315", {k: v + 100 for k, v in b.items()},
+                    origin=(500_120.0, 2_545_000.0))
+    src = open_period(PeriodConfig(name="p", images=["m"]), tmp_path)
+    assert len(src.tiles) == 2 and src.bounds[2] - src.bounds[0] == pytest.approx(280.0)
+    grid = Grid.from_bounds(src.bounds, 10.0, src.crs)
+    arr, valid = read_block(src, grid, Window(0, 0, 28, 16))
+    assert valid.all()
+    assert np.allclose(arr[2, :, :16], 0.09) and np.allclose(arr[2, :, 16:], 0.1)
+
+
+def test_old_sentinel2_granule_names_date_from_the_orbit() -> None:
+    from pipeline.sensors import s2_sensing_date
+
+    name = "S2A_OPER_MSI_L1C_TL_SGS__20160315T201048_A003809_T31UDP_B02.tif"
+    assert s2_sensing_date(name) == dt.date(2016, 3, 15)  # OSCD saclay_w date 1
+    assert s2_sensing_date("S2A_OPER_MSI_L1C_TL_EPA__20160514T023519_A000720_T31TEJ_B02.tif"
+                           ) == dt.date(2015, 8, 12)  # processed 2016, sensed 2015
+    assert s2_sensing_date("T31UDQ_20170829T105019_B02.tif") is None
+
+
+def test_per_band_errors_are_one_line(make_band_files, make_raster, tmp_path: Path) -> None:
+    for i in range(3):
+        make_raster(f"plain/band{i}.tif", np.full((8, 8), 100, "uint16"))
+    with pytest.raises(BandRoleError) as e:
+        open_period(PeriodConfig(name="p", images=["plain"]), tmp_path)
+    assert "plain: holds 3 single-band files" in str(e.value) and "*_B04.tif" in str(e.value)
+    assert "\n" not in str(e.value)
+    make_band_files("nored", S2_PREFIX, {k: v for k, v in _s2_bands().items()
+                                         if k in ("B02", "B03")})
+    with pytest.raises(BandRoleError, match=r"nored: tile T50QKM.* has no red band"):
+        open_period(PeriodConfig(name="p", images=["nored"]), tmp_path)
+
+
+# ------------------------------------------------------------------------ presets and dtypes
+
+
+@pytest.mark.parametrize("name", ["GF-1", "GF-2", "Jilin-1", "ZY-3", "Sentinel-2", "Landsat-8",
+                                  "Landsat-7", "RGB"])
+def test_every_preset_fixes_roles_scale_and_resolution(name: str, make_raster) -> None:
+    p = resolve_preset(name)
+    assert {"red", "green", "blue"} <= set(p.bands) and p.res_m > 0
+    assert p.scale is not None or p.bit_depth is not None
+    assert sorted(p.bands.values()) == list(range(1, len(p.bands) + 1))
+    n = max(p.bands.values())
+    u8 = open_image(make_raster("u8.tif", np.full((n, 8, 8), 120, "uint8")), sensor=name)
+    assert u8.scale == pytest.approx(1 / 255) and u8.roles[:3] == ("blue", "green", "red")
+    f32 = open_image(make_raster("f.tif", np.full((n, 8, 8), 0.3, "float32")), sensor=name)
+    assert (f32.scale, f32.offset) == (1.0, 0.0)
+    dn = 12_000 if name.startswith("Landsat") else 900  # Landsat SR: DN 7273 is reflectance 0
+    u16 = open_image(make_raster("u16.tif", np.full((n, 8, 8), dn, "uint16")), sensor=name)
+    grid = Grid.from_bounds(u16.bounds, 1.0, u16.crs)
+    arr, valid = read_block(u16, grid, Window(0, 0, 8, 8))
+    assert valid.all() and 0.0 < float(arr[u16.roles.index("red"), 0, 0]) < 1.0
+
+
+def test_preset_nominal_resolutions() -> None:
+    res = {n: resolve_preset(n).res_m for n in ("GF-1", "GF-2", "ZY-3", "Sentinel-2",
+                                                "Landsat-8", "Landsat-5")}
+    assert res == {"GF-1": 8.0, "GF-2": 3.2, "ZY-3": 5.8, "Sentinel-2": 10.0,
+                   "Landsat-8": 30.0, "Landsat-5": 30.0}
+    assert resolve_preset("GF-2").bit_depth == 10 and resolve_preset("Jilin-1").bit_depth == 12
+
+
+def test_16bit_rgb_aerial_is_scaled_by_its_bit_depth(make_raster) -> None:
+    arr = np.repeat(np.linspace(0, 4000, 64).reshape(1, 8, 8), 3, axis=0).astype("uint16")
+    src = open_image(make_raster("aerial12.tif", arr), sensor="RGB")
+    assert src.scale == pytest.approx(1 / 4095)
+    s2f = open_image(make_raster("s2f.tif", np.full((4, 8, 8), 2500.0, "float32")),
+                     sensor="Sentinel-2")
+    assert s2f.scale == 1e-4  # float DN, not reflectance: the preset's factor
