@@ -79,6 +79,8 @@ class DetectionConfig(_Model):
     normalize: bool = True
     cloud_mask: bool = True
     min_confidence: float = Field(default=0.5, ge=0, le=1)
+    #: a change is reported once it has lasted this many periods (needs n+1 periods; 1 = off)
+    persist_periods: int = Field(default=1, ge=1)
 
 
 class AlignConfig(_Model):

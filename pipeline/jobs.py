@@ -18,7 +18,7 @@ import geopandas as gpd
 import numpy as np
 from rasterio.windows import Window
 
-from . import __version__, align, export, ingest
+from . import __version__, align, export, ingest, persistence
 from .batch import PairResult, detect_pair
 from .config import PipelineConfig, config_from_dict, load_config
 from .errors import InputError, OutputExistsError
@@ -110,12 +110,26 @@ def _finish(out_dir: Path, change_tif: Path, *, cfg: PipelineConfig, grid: Grid,
                           config=cfg, extent=grid.bounds)
 
 
-def _pipeline(cfg: PipelineConfig, before: ingest.ImageSource, after: ingest.ImageSource,
-              out_dir: Path, *, run_id: str, scheduler: str | None, workers: int | None,
-              register: Path | None, timings: Timings, extra: dict[str, Any]) -> Path:
+def _meta(before: ingest.ImageSource, after: ingest.ImageSource, grid: Grid,
+          run_id: str) -> dict[str, Any]:
+    return {"before_date": str(before.date) if before.date else None,
+            "after_date": str(after.date) if after.date else None,
+            "sensor": after.sensor, "resolution_m": grid.res, "run_id": run_id}
+
+
+def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: Path, *,
+              run_id: str, scheduler: str | None, workers: int | None,
+              register: Path | None, timings: Timings, extra: dict[str, Any],
+              report: tuple[int, int] | None = None,
+              spans: tuple[tuple[int, int], ...] = ()) -> Path:
+    """Detect ``report`` (default: the last two sources), confirm it with ``spans``
+    (comparisons of its before-period with later periods), track and export."""
+    k, j = report or (len(sources) - 2, len(sources) - 1)
+    before, after = sources[k], sources[j]
+    used = sorted({k, j, *(i for sp in spans for i in sp)})
     with timings.stage("ingest"):
-        grid = ingest.working_grid([before, after], crs=cfg.crs, resolution=cfg.resolution,
-                                   bounds=cfg.bounds)
+        grid = ingest.working_grid([sources[i] for i in used], crs=cfg.crs,
+                                   resolution=cfg.resolution, bounds=cfg.bounds)
         rules = ingest.load_rules(cfg, grid)
         admin = ingest.load_admin(cfg, grid) if cfg.admin else None
     layer_paths = {r: cfg.path(c.path) for r, c in cfg.rules.items()}
@@ -125,7 +139,7 @@ def _pipeline(cfg: PipelineConfig, before: ingest.ImageSource, after: ingest.Ima
         "run_id": run_id, "tool": "tuban", "versions": _versions(),
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         "config": cfg.model_dump(mode="json", by_alias=True, exclude={"base_dir"}),
-        "inputs": _inputs_manifest([before, after], layer_paths),
+        "inputs": _inputs_manifest([sources[i] for i in used], layer_paths),
         "grid": {"crs": grid.crs.to_string(), "shape": list(grid.shape),
                  "resolution_m": grid.res, "bounds": list(grid.bounds)},
         "periods": {"before": {"name": before.name, "date": str(before.date),
@@ -136,22 +150,46 @@ def _pipeline(cfg: PipelineConfig, before: ingest.ImageSource, after: ingest.Ima
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.work-", dir=out_dir.parent) as tmp:
+        def detect(a: int, b: int, name: str) -> tuple[PairResult, gpd.GeoDataFrame]:
+            res = detect_pair(sources[a], sources[b], grid, rules=rules,
+                              detection=cfg.detection, categories=dict(cfg.categories),
+                              block_size=cfg.block_size, change_path=Path(tmp) / name,
+                              resampling=cfg.align.resampling,
+                              workers=workers or cfg.workers, scheduler=scheduler,
+                              timings=timings)
+            meta = _meta(sources[a], sources[b], grid, run_id)
+            return res, build_patches(res.records, grid.crs, rules=rules, admin=admin,
+                                      meta=meta)
+
         change_tif = Path(tmp) / "change-tiled.tif"
-        pair = detect_pair(before, after, grid, rules=rules, detection=cfg.detection,
-                           categories=dict(cfg.categories), block_size=cfg.block_size,
-                           change_path=change_tif,
-                           resampling=cfg.align.resampling, workers=workers or cfg.workers,
-                           scheduler=scheduler, timings=timings)
-        meta = {"before_date": str(before.date) if before.date else None,
-                "after_date": str(after.date) if after.date else None,
-                "sensor": after.sensor, "resolution_m": grid.res, "run_id": run_id}
-        patches = build_patches(pair.records, grid.crs, rules=rules, admin=admin, meta=meta)
+        pair, patches = detect(k, j, change_tif.name)
+        if spans:
+            patches = _confirm(patches, {sp: detect(*sp, f"span-{sp[0]}-{sp[1]}.tif")[1]
+                                         for sp in spans}, (k, j), sources, cfg, manifest)
         with timings.stage("track"):
-            patches = _track(patches, register, run_id, meta["after_date"] or run_id)
+            patches = _track(patches, register, run_id,
+                             _meta(before, after, grid, run_id)["after_date"] or run_id)
         _finish(out_dir, change_tif, cfg=cfg, grid=grid, before=before, after=after,
                 pair=pair, patches=patches, timings=timings, manifest=manifest)
     log.info("wrote %s", out_dir)
     return out_dir
+
+
+def _confirm(patches: gpd.GeoDataFrame, span_patches: dict[tuple[int, int], gpd.GeoDataFrame],
+             report: tuple[int, int], sources: list[ingest.ImageSource],
+             cfg: PipelineConfig, manifest: dict[str, Any]) -> gpd.GeoDataFrame:
+    """Keep the reported pair's patches whose change persists (pipeline.persistence)."""
+    judged = persistence.confirm({report: patches, **span_patches},
+                                 [s.name for s in sources],
+                                 persist_periods=cfg.detection.persist_periods)
+    kept = persistence.keep_confirmed(judged)
+    manifest["persistence"] = {
+        "persist_periods": cfg.detection.persist_periods,
+        "confirmed_by": [f"{sources[a].name}→{sources[b].name}" for a, b in span_patches],
+        "judged": judged["persistence"].value_counts().to_dict(),
+    }
+    log.info("persistence: %s", manifest["persistence"]["judged"])
+    return kept.drop(columns=["pair", "first_seen", "seen_periods", "persistence"])
 
 
 def _track(patches: gpd.GeoDataFrame, register: Path | None, run_id: str,
@@ -166,21 +204,34 @@ def _track(patches: gpd.GeoDataFrame, register: Path | None, run_id: str,
 
 def run(config: str | Path, *, scheduler: str | None = None, workers: int | None = None,
         run_id: str | None = None) -> Path:
-    """Scheduled batch: the last two periods of ``config``; writes ``runs/<run_id>/``."""
+    """Scheduled batch over ``config``'s periods; writes ``runs/<run_id>/``.
+
+    Reports the last pair, or with ``detection.persist_periods = n > 1`` the pair
+    (L-n, L-n+1) whose change is still there n-1 periods later.
+    """
     cfg = load_config(config)
     timings = Timings()
     with timings.stage("ingest"):
         sources = [ingest.open_period(p, cfg.base_dir) for p in cfg.periods]
-    before, after = sources[-2], sources[-1]
+    # persistence: report the latest pair that later periods can confirm, (L-n, L-n+1),
+    # confirmed by comparing its before-period directly with each later period
+    last, n = len(sources) - 1, cfg.detection.persist_periods
+    if n > 1 and last >= n:
+        k = last - n
+        report, spans = (k, k + 1), tuple((k, k + m) for m in range(2, n + 1))
+    else:
+        report, spans = (last - 1, last), ()
+    after = sources[report[1]]
     run_id = run_id or new_run_id(cfg.name, after.name)
     out_dir = cfg.path(cfg.output.dir) / run_id
     if (out_dir / "run.json").exists():
         raise OutputExistsError(f"{out_dir}: run {run_id} already finished; choose another "
                                 "--run-id or delete the folder")
     register = cfg.path(cfg.register_path) if cfg.register_path else None
-    return _pipeline(cfg, before, after, out_dir, run_id=run_id, scheduler=scheduler,
+    return _pipeline(cfg, sources, out_dir, run_id=run_id, scheduler=scheduler,
                      workers=workers, register=register, timings=timings,
-                     extra={"job": "run", "config_path": str(Path(config))})
+                     extra={"job": "run", "config_path": str(Path(config))},
+                     report=report, spans=spans)
 
 
 def _auto_grid(before: ingest.ImageSource, after: ingest.ImageSource) -> tuple[str, float]:
@@ -232,7 +283,7 @@ def compare(before_path: str | Path, after_path: str | Path, outdir: str | Path,
                              "path": str(base_cfg.path(base_cfg.admin.path))}
     cfg = config_from_dict(data, Path(config or "compare"), Path.cwd())
     run_id = new_run_id("compare", "pair")
-    return _pipeline(cfg, before, after, Path(outdir), run_id=run_id, scheduler=scheduler,
+    return _pipeline(cfg, [before, after], Path(outdir), run_id=run_id, scheduler=scheduler,
                      workers=workers, register=None, timings=timings,
                      extra={"job": "compare"})
 
