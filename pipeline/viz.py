@@ -12,13 +12,12 @@ from typing import Any
 
 import geopandas as gpd
 import numpy as np
-import rasterio
 from PIL import Image, ImageDraw
-from rasterio.enums import Resampling
 
 from .errors import MissingFileError
 from .export import stretch_rgb
-from .ingest import open_image
+from .grid import Grid
+from .ingest import open_image, read_overview
 from .report import CATEGORY_COLORS
 
 
@@ -46,17 +45,13 @@ def quicklook(image: str | Path, patches: gpd.GeoDataFrame | None = None, *,
               width: int = 2) -> Image.Image:
     """RGB quick-look of ``image`` (decimated to ``max_size`` px) with patch outlines."""
     src = open_image(image, bands=bands)
-    path = src.paths[0]
-    roles = list(src.roles)
-    idx = [src.band_index[roles.index(r)] for r in ("red", "green", "blue")]
-    with rasterio.open(path) as ds:
-        scale = max(ds.width, ds.height) / max_size
-        shape = (max(1, round(ds.height / max(scale, 1))), max(1, round(ds.width / max(scale, 1))))
-        arr = ds.read(idx, out_shape=(3, *shape), resampling=Resampling.average, masked=True)
-        transform = ds.transform * ds.transform.scale(ds.width / shape[1], ds.height / shape[0])
-        crs = ds.crs
-    valid = ~np.ma.getmaskarray(arr).any(axis=0)
-    img = Image.fromarray(stretch_rgb(np.ma.filled(arr, 0), valid))
+    t = src.tiles[0]  # native pixel size in CRS units (degrees for lon/lat files)
+    res = min((t.bounds[2] - t.bounds[0]) / t.shape[1], (t.bounds[3] - t.bounds[1]) / t.shape[0])
+    grid = Grid.from_bounds(src.bounds, res, src.crs)
+    arr, valid, og = read_overview(src, grid, max_size)  # works for tiles, band files, STAC
+    rgb = [list(src.roles).index(r) for r in ("red", "green", "blue")]
+    img = Image.fromarray(stretch_rgb(np.nan_to_num(arr[rgb]), valid))
+    transform, crs = og.transform, og.crs
     if patches is not None and len(patches):
         draw = ImageDraw.Draw(img)
         inv = ~transform
