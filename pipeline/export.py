@@ -36,7 +36,7 @@ from .atomic import atomic_open, atomic_write, staging_dir
 from .errors import InputError, TubanError, TubanWarning
 from .report import CATEGORY_COLORS
 from .track import empty_register, issued, match
-from .types import CATEGORY_CODES, CATEGORY_ZH, MU_M2, NOT_OBSERVED, BBox
+from .types import CATEGORY_CODES, CATEGORY_ZH, MU_M2, NOT_OBSERVED, VIOLATIONS, BBox
 
 if TYPE_CHECKING:
     from .config import PipelineConfig
@@ -412,10 +412,14 @@ def write_evidence(patch: Mapping[str, Any], before_chip: np.ndarray, after_chip
 
 def _write_all_evidence(patches: gpd.GeoDataFrame, folder: Path, before: ChipReader,
                         after: ChipReader, *, min_size_m: float, panel_px: int) -> list[Any]:
-    """Evidence for every patch; returns the relative paths (None where a chip failed)."""
+    """Evidence for every violation patch (the ones field teams visit); returns the relative
+    paths (None for other_change and where a chip failed)."""
     rel: list[Any] = []
     for rec in patches.to_dict("records"):
         pid = str(rec["patch_id"])
+        if rec["category"] not in VIOLATIONS:
+            rel.append(None)
+            continue
         b = chip_bounds(rec["geometry"], min_size_m=min_size_m)
         try:
             chips = before(b), after(b)

@@ -333,7 +333,8 @@ def test_export_all(tmp_path: Path, patches: gpd.GeoDataFrame, category_tif: Pat
              "run.json", "evidence"}
     assert {p.name for p in out.iterdir()} == names
     assert all(p.exists() for p in paths.values())
-    assert len(list((out / "evidence").glob("*.png"))) == len(patches)
+    n_violations = int((patches["category"] != "other_change").sum())
+    assert len(list((out / "evidence").glob("*.png"))) == n_violations == len(patches) - 1
     fc = json.loads((out / "patches.geojson").read_text(encoding="utf-8"))
     ev = fc["features"][0]["properties"]["evidence"]
     assert ev == f"evidence/{patches['patch_id'][0]}.png" and (out / ev).exists()
