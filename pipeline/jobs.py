@@ -7,27 +7,33 @@ export. All outputs are written into a staging folder and moved into place only 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import platform
 import secrets
+import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import geopandas as gpd
 import numpy as np
+from affine import Affine
 from rasterio.windows import Window
 
 from . import __version__, align, export, ingest, persistence
 from .batch import PairResult, detect_pair
 from .config import PipelineConfig, config_from_dict, load_config
-from .errors import InputError, OutputExistsError
-from .grid import Grid
+from .errors import InputError, MissingFileError, OutputExistsError
+from .grid import Grid, norm_crs
 from .patches import build_patches
 from .progress import Timings
 
 log = logging.getLogger(__name__)
 
+#: checkpoint folder inside a finished run, read by the stage commands
+WORK = "work"
 RULE_ROLES = ("forest", "farmland", "ecological_redline", "permits", "cemeteries")
 
 
@@ -92,22 +98,27 @@ class ChipSource:
 
 def _finish(out_dir: Path, change_tif: Path, *, cfg: PipelineConfig, grid: Grid,
             before: ingest.ImageSource, after: ingest.ImageSource, pair: PairResult,
-            patches: gpd.GeoDataFrame, timings: Timings, manifest: dict[str, Any]) -> None:
+            patches: gpd.GeoDataFrame, timings: Timings, manifest: dict[str, Any],
+            candidates: gpd.GeoDataFrame | None = None) -> None:
     """Hand everything to export, the only writer of results."""
     chips = ChipSource(before, after, grid, pair.params)
     manifest.update({
         "excluded": pair.excluded,
         "observed_fraction": round(pair.n_valid / max(pair.n_pixels, 1), 4),
         "not_observed_fraction": round(1 - pair.n_valid / max(pair.n_pixels, 1), 4),
-        "alignment": {"shift_px": [round(float(v), 3) for v in pair.params.shift_px],
-                      "gain": np.asarray(pair.params.gain).round(4).tolist(),
-                      "offset": np.asarray(pair.params.offset).round(5).tolist()},
+        "alignment": {"shift_px": [float(v) for v in pair.params.shift_px],
+                      "gain": np.asarray(pair.params.gain, float).tolist(),
+                      "offset": np.asarray(pair.params.offset, float).tolist(),
+                      "roles": list(pair.params.roles),
+                      "n_shift_windows": int(pair.params.n_shift_windows)},
     })
     with timings.stage("export"):
         manifest["timings_s"] = timings
         export.export_all(out_dir, patches, manifest=manifest, change_tif=change_tif,
                           before_chip=chips.before_chip, after_chip=chips.after_chip,
                           config=cfg, extent=grid.bounds)
+    if candidates is not None:  # checkpoint for `tuban track RUN_DIR`
+        export.write_gpkg(candidates, out_dir / WORK / "candidates.gpkg")
 
 
 def _meta(before: ingest.ImageSource, after: ingest.ImageSource, grid: Grid,
@@ -140,8 +151,10 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         "config": cfg.model_dump(mode="json", by_alias=True, exclude={"base_dir"}),
         "inputs": _inputs_manifest([sources[i] for i in used], layer_paths),
-        "grid": {"crs": grid.crs.to_string(), "shape": list(grid.shape),
+        "grid": {"crs": grid.crs.to_wkt(), "epsg": grid.crs.to_epsg(),
+                 "shape": list(grid.shape), "transform": list(grid.transform)[:6],
                  "resolution_m": grid.res, "bounds": list(grid.bounds)},
+        "base_dir": str(cfg.base_dir),
         "periods": {"before": {"name": before.name, "date": str(before.date),
                                "sensor": before.sensor},
                     "after": {"name": after.name, "date": str(after.date),
@@ -166,11 +179,13 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
         if spans:
             patches = _confirm(patches, {sp: detect(*sp, f"span-{sp[0]}-{sp[1]}.tif")[1]
                                          for sp in spans}, (k, j), sources, cfg, manifest)
+        candidates = patches
         with timings.stage("track"):
             patches = _track(patches, register, run_id,
                              _meta(before, after, grid, run_id)["after_date"] or run_id)
         _finish(out_dir, change_tif, cfg=cfg, grid=grid, before=before, after=after,
-                pair=pair, patches=patches, timings=timings, manifest=manifest)
+                pair=pair, patches=patches, timings=timings, manifest=manifest,
+                candidates=candidates)
     log.info("wrote %s", out_dir)
     return out_dir
 
@@ -297,3 +312,95 @@ def _rules_from_dir(d: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     admin = next(({"path": str(files[k])} for k in ("street_offices", "admin") if k in files),
                  None)
     return rules, admin
+
+
+# ------------------------------------------------------------------ stage commands on a run
+
+
+@dataclass
+class FinishedRun:
+    """A finished run reloaded from its ``run.json``: enough to redo track or export."""
+
+    dir: Path
+    manifest: dict[str, Any]
+    cfg: PipelineConfig
+    before: ingest.ImageSource
+    after: ingest.ImageSource
+    grid: Grid
+    params: align.AlignParams
+
+
+def load_finished(run_dir: str | Path) -> FinishedRun:
+    """Reload a run folder written by ``run`` or ``compare``."""
+    d = Path(run_dir)
+    man_path = d / "run.json"
+    if not man_path.is_file():
+        raise MissingFileError(f"{d}: no run.json; give the folder of a finished run")
+    man = json.loads(man_path.read_text(encoding="utf-8"))
+    cfg_data = {k: v for k, v in man["config"].items()}
+    cfg = config_from_dict(cfg_data, man_path, Path(man.get("base_dir", ".")))
+    by_name = {p.name: p for p in cfg.periods}
+    before = ingest.open_period(by_name[man["periods"]["before"]["name"]], cfg.base_dir)
+    after = ingest.open_period(by_name[man["periods"]["after"]["name"]], cfg.base_dir)
+    g = man["grid"]
+    grid = Grid(tuple(g["shape"]), Affine(*g["transform"]), norm_crs(g["crs"]))
+    a = man["alignment"]
+    params = align.AlignParams(tuple(a["shift_px"]), tuple(a["gain"]), tuple(a["offset"]),
+                               tuple(a["roles"]), int(a.get("n_shift_windows", 0)))
+    return FinishedRun(d, man, cfg, before, after, grid, params)
+
+
+def _reexport(run: FinishedRun, patches: gpd.GeoDataFrame, stage: str) -> Path:
+    chips = ChipSource(run.before, run.after, run.grid, run.params)
+    timings = Timings(run.manifest.get("timings_s") or {})
+    manifest = {**run.manifest, "rerun": {"stage": stage, "at": dt.datetime.now().isoformat(
+        timespec="seconds")}}
+    with tempfile.TemporaryDirectory(dir=run.dir.parent) as tmp:
+        change = Path(tmp) / "change.tif"  # the COG itself is the block stage's raster
+        shutil.copyfile(run.dir / "change.tif", change)
+        with timings.stage("export"):
+            manifest["timings_s"] = timings
+            export.export_all(run.dir, patches.drop(columns=["evidence"], errors="ignore"),
+                              manifest=manifest, change_tif=change,
+                              before_chip=chips.before_chip, after_chip=chips.after_chip,
+                              config=run.cfg, extent=run.grid.bounds)
+    return run.dir
+
+
+def rerun_export(run_dir: str | Path) -> Path:
+    """Rewrite a run's outputs from its tracked patches (e.g. after a change to export)."""
+    run = load_finished(run_dir)
+    return _reexport(run, gpd.read_file(run.dir / "patches.gpkg"), "export")
+
+
+def rerun_track(run_dir: str | Path) -> Path:
+    """Match a run's patches against the register again (e.g. after importing field
+    verification), then re-export."""
+    run = load_finished(run_dir)
+    cand = run.dir / WORK / "candidates.gpkg"
+    if not cand.is_file():
+        raise MissingFileError(f"{cand}: no checkpoint of detected patches; rerun the run")
+    register = run.cfg.path(run.cfg.register_path) if run.cfg.register_path else None
+    run_id = run.manifest["run_id"]
+    after_date = run.manifest["periods"]["after"]["date"]
+    patches = _track(gpd.read_file(cand), register, run_id,
+                     after_date if after_date != "None" else run_id)
+    return _reexport(run, patches, "track")
+
+
+def inventory(config: str | Path) -> dict[str, Any]:
+    """The ingest stage alone: validate a config's imagery and layers and describe them."""
+    cfg = load_config(config)
+    sources = [ingest.open_period(p, cfg.base_dir) for p in cfg.periods]
+    grid = ingest.working_grid(sources, crs=cfg.crs, resolution=cfg.resolution,
+                               bounds=cfg.bounds)
+    rules = ingest.load_rules(cfg, grid)
+    return {
+        "config": str(config),
+        "grid": {"crs": grid.crs.to_string(), "shape": list(grid.shape),
+                 "resolution_m": grid.res, "bounds_lonlat": list(grid.bounds_in(4326))},
+        "periods": [{"name": s.name, "date": str(s.date) if s.date else None,
+                     "sensor": s.sensor, "roles": list(s.roles), "files": len(s.paths),
+                     "crs": s.crs.to_string(), "resolution_m": s.res} for s in sources],
+        "rules": {role: int(len(gdf)) for role, gdf in rules.items()},
+    }

@@ -243,3 +243,26 @@ def test_verify_false_positive_suppresses_reissue(sample_run: tuple[Path, Path],
     bad = tmp_path / "bad.csv"
     bad.write_text("patch_id,verification\nTB-nope,误报\n", encoding="utf-8")
     _assert_clean_failure(tuban("verify", cfg, bad), "bad.csv", "TB-nope")
+
+
+def test_stage_commands(sample_run: tuple[Path, Path], tmp_path: Path) -> None:
+    cfg, first = sample_run
+    res = tuban("ingest", cfg)
+    assert res.returncode == 0, res.stderr
+    inv = json.loads(res.stdout)
+    assert [p["roles"] for p in inv["periods"]] == [["blue", "green", "red", "nir"]] * 2
+    assert inv["grid"]["shape"] == [1024, 1024] and inv["rules"]["permits"] >= 2
+    # export again: same patches, files rewritten atomically, manifest says so
+    before = gpd.read_file(first / "patches.gpkg")
+    res = tuban("export", first)
+    assert res.returncode == 0, res.stderr
+    after = gpd.read_file(first / "patches.gpkg")
+    assert sorted(after["patch_id"]) == sorted(before["patch_id"])
+    man = json.loads((first / "run.json").read_text(encoding="utf-8"))
+    assert man["rerun"]["stage"] == "export"
+    # track again on the same run id: same ids, history not duplicated
+    res = tuban("track", first)
+    assert res.returncode == 0, res.stderr
+    again = gpd.read_file(first / "patches.gpkg")
+    assert sorted(again["patch_id"]) == sorted(before["patch_id"])
+    _assert_clean_failure(tuban("track", tmp_path), "run.json")

@@ -106,3 +106,33 @@ def verify(config: Path, results: Path) -> None:
         raise ConfigError(f"{config}: no register configured; set register: PATH")
     n = Register(cfg.path(cfg.register_path)).import_verification(results)
     click.echo(f"{n} patches updated")
+
+
+# ------------------------------------------------------------------- one command per stage
+
+
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path))
+def ingest(config: Path) -> None:
+    """Stage ingest alone: validate CONFIG's imagery and rule layers and describe them."""
+    from .. import jobs
+
+    click.echo(json.dumps(jobs.inventory(config), indent=2, ensure_ascii=False))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def track(run_dir: Path) -> None:
+    """Stage track again on a finished run (e.g. after `tuban verify`), then re-export."""
+    from .. import jobs
+
+    click.echo(str(jobs.rerun_track(run_dir)))
+
+
+@cli.command("export")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def export_cmd(run_dir: Path) -> None:
+    """Stage export again on a finished run: rewrite its outputs from its patches."""
+    from .. import jobs
+
+    click.echo(str(jobs.rerun_export(run_dir)))
