@@ -11,10 +11,17 @@ contributing their RGB features and NIR features missing) it
 2. runs leave-one-dataset-out: trains on the other datasets, predicts the held-out dataset's full
    images, and keeps the out-of-fold scores;
 3. calibrates (Platt scaling on out-of-fold scores, prior-shifted so that 0.5 is the decision
-   threshold that maximises macro F1) and reports held-out precision / recall / F1 per dataset,
-   where the threshold for a held-out dataset is chosen on the other datasets' out-of-fold scores;
+   threshold that maximises macro F1 within each resolution class: < 2 m, 2-20 m, > 20 m) and
+   reports held-out precision / recall / F1 / IoU / object recall per dataset under two
+   protocols (leave-one-dataset-out, and a 3-fold case split with LEVIR crops kept with their
+   tiles), where a held-out case's threshold is always chosen on *other* folds' out-of-fold
+   scores of its resolution class (:func:`held_out_rows`);
 4. trains the final model on every case and writes ``<out>/learned_<set>.txt`` (LightGBM text
    model) and ``learned_<set>.json`` (features, cases, calibration, held-out figures, lineage).
+
+The ``ms`` (RGB+NIR) set trains too, but is not shipped: held out it scored below the RGB model
+(OSCD leave-one-dataset-out F1 0.36 vs 0.49; case split 0.61 vs 0.61-0.63), so RGB+NIR imagery
+at decametric pixels uses the RGB model (see ``pipeline.detect.learned.RGB_FOR_NIR_MIN_RES_M``).
 
 The weights derive from LEVIR-CD and OSCD, which are licensed for research use only.
 """
@@ -93,10 +100,13 @@ def train(x: np.ndarray, y: np.ndarray, w: np.ndarray, names: list[str],
     return lgb.train({**PARAMS, "seed": seed}, ds, N_ROUNDS)
 
 
+#: pixel sizes (m) each model is offered for by ``method: auto`` (``res_range_m`` in its JSON):
+#: the RGB model spans the 0.5-30 m training data; the RGB+NIR model saw NIR only at 10-30 m
+RES_RANGE: dict[str, tuple[float, float]] = {"rgb": (0.0, 1e9), "ms": (5.0, 60.0)}
 GRID = np.round(np.arange(0.30, 0.96, 0.025), 3)
 N_FOLDS = 3
 #: resolution classes (upper bound in metres) that get their own decision threshold
-RES_CLASSES: tuple[float, ...] = (2.0, 1e9)
+RES_CLASSES: tuple[float, ...] = (2.0, 20.0, 1e9)
 
 
 def res_class(res_m: float) -> float:
@@ -152,6 +162,42 @@ def _rows(scored: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, float]],
     return {ds: scores(c) for ds, c in acc.items()}
 
 
+def held_out_rows(proto: str, scored: list, fold_of: list[str],
+                  eval_sets: set[str]) -> dict[str, dict]:
+    """Held-out figures per dataset; no decision threshold is ever chosen on the scored cases.
+
+    The shipped model decides with one threshold per resolution class, so a held-out case's
+    threshold is chosen (macro F1) on out-of-fold scores of *other* folds in its resolution
+    class (``lodo``: the other datasets of that class, else all other datasets; ``cases``: the
+    other case folds of that class, any dataset).
+    """
+    out: dict[str, dict] = {}
+    acc: dict[str, dict[str, float]] = {}
+    used: dict[str, list[float]] = {}
+    for fname in sorted(set(fold_of)):
+        test = [s for s, f in zip(scored, fold_of, strict=True) if f == fname]
+        rest = [s for s, f in zip(scored, fold_of, strict=True) if f != fname]
+        for cls in sorted({res_class(s[4]) for s in test}):
+            part = [s for s in test if res_class(s[4]) == cls]
+            pool = [s for s in rest if res_class(s[4]) == cls] or rest
+            t = best_threshold(pool, GRID)[0]
+            for s in part:
+                c = counts(decide_raw(s[1], s[3], s[4], t), s[2])
+                a = acc.setdefault(s[0], {})
+                for k, v in c.items():
+                    a[k] = a.get(k, 0.0) + v
+                used.setdefault(s[0], []).append(t)
+    src = ("other datasets of the resolution class (else all other datasets)" if proto == "lodo"
+           else "other case folds of the resolution class")
+    for d in sorted(eval_sets):
+        if d in acc:
+            out[d] = {**scores(acc[d]), "threshold": float(np.mean(used[d])),
+                      "threshold_from": src}
+    out["macro"] = macro({k: {m: v for m, v in r.items() if isinstance(v, float)}
+                          for k, r in out.items()})
+    return out
+
+
 def platt(raw: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
     """Slope of a weighted 1-D logistic fit on the logit of ``raw``."""
     from sklearn.linear_model import LogisticRegression
@@ -190,7 +236,7 @@ def run(kind: str, cases: list[Case], out: Path, seed: int, dump: Path | None = 
     thresholds: dict[str, float] = {}
     slope = 1.0
     for proto, folds in protocols.items():
-        scored, oof = [], []
+        scored, oof, fold_of = [], [], []
         for fname, test in folds:
             m = ~np.isin(case_ids, test)
             booster = train(x[m], y[m], w[m], names, seed)
@@ -198,6 +244,7 @@ def run(kind: str, cases: list[Case], out: Path, seed: int, dump: Path | None = 
                 c, st = use[i], stacks[i]
                 raw = predict_map(booster, st, c.valid, c.res_m)
                 scored.append((c.dataset, raw, c.label, c.valid, c.res_m))
+                fold_of.append(fname)
             oof.append((booster.predict(x[~m], num_threads=2), y[~m], w[~m]))
             print(f"[{kind}] {proto} fold {fname} done ({time.perf_counter() - t0:.0f}s)",
                   flush=True)
@@ -206,24 +253,7 @@ def run(kind: str, cases: list[Case], out: Path, seed: int, dump: Path | None = 
                 f"{i}|{d}|{res}": np.stack([raw, label.astype(float), valid.astype(float)])
                 for i, (d, raw, label, valid, res) in enumerate(scored)})
         t_all, rows_all = best_threshold(scored, GRID)
-        rows: dict[str, dict] = {}
-        for d in sorted(eval_sets):
-            # threshold for d: chosen on other datasets of its resolution class (cases protocol),
-            # else on all other datasets; a class with d alone falls back to d's own
-            # out-of-fold scores under the cases protocol (said so in the row)
-            res_d = next(s[4] for s in scored if s[0] == d)
-            same = [s for s in scored if s[0] != d and res_class(s[4]) == res_class(res_d)]
-            others = [s for s in scored if s[0] != d]
-            if proto == "cases":
-                pool, src = ((same, "same-class datasets") if same else
-                             ([s for s in scored if s[0] == d], "own out-of-fold"))
-            else:
-                pool, src = others, "other datasets"
-            t_d = best_threshold(pool, GRID)[0]
-            rows[d] = {**_rows([s for s in scored if s[0] == d], t_d)[d], "threshold": t_d,
-                       "threshold_from": src}
-        rows["macro"] = macro({k: {m: v for m, v in r.items() if isinstance(v, float)}
-                               for k, r in rows.items()})
+        rows = held_out_rows(proto, scored, fold_of, eval_sets)
         held[proto] = rows
         for d, r in rows.items():
             print(f"[{kind}] {proto} held-out {d:<9} P {r['precision']:.3f} "
@@ -251,16 +281,19 @@ def run(kind: str, cases: list[Case], out: Path, seed: int, dump: Path | None = 
                         "slope": slope,
                         "note": "p = sigmoid(slope * (logit(raw) - logit(t))), t = threshold of "
                                 "the finest class whose max_res_m >= res_m: "
-                                "Platt scaling on leave-one-dataset-out scores, prior-shifted "
+                                "Platt slope on case-split out-of-fold scores, prior-shifted "
                                 "so that 0.5 is the macro-F1-optimal decision threshold of "
-                                "each resolution class (case-split out-of-fold scores)"},
+                                "each resolution class (case-split out-of-fold scores; the "
+                                "> 20 m class rests on one Landsat scene)"},
+        "res_range_m": list(RES_RANGE[kind]),
         "training_cases": [f"{c.dataset}/{c.path.name}" for c in use],
         "held_out": held["lodo"], "held_out_cases": held["cases"],
         "held_out_protocol": "held_out: leave-one-dataset-out; held_out_cases: 3-fold split "
                              "by case (crops grouped with their tiles) within each dataset. "
-                             "Threshold for each held-out dataset chosen on the other "
-                             "datasets' out-of-fold scores; pixels pooled per dataset; object "
-                             "recall at 50 % cover; calibration from the case split",
+                             "Decision threshold of a held-out case chosen on other folds' "
+                             "out-of-fold scores of its resolution class (lodo: other "
+                             "datasets of the class, else all other datasets); pixels pooled "
+                             "per dataset; object recall at 50 % cover",
         "params": {**PARAMS, "num_boost_round": N_ROUNDS, "per_class": PER_CLASS, "seed": seed},
         "train_seconds": round(t_train, 1), "lineage": LINEAGE,
         "licence": "weights derived from research-only datasets (LEVIR-CD, OSCD)",

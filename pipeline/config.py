@@ -72,7 +72,7 @@ def _default_categories() -> dict[str, CategoryConfig]:
 class DetectionConfig(_Model):
     """Detector choice and thresholds. Defaults are chosen from resolution and bands."""
 
-    method: Literal["auto", "cva", "spectral"] = "auto"
+    method: Literal["auto", "spectral", "cva", "learned"] = "auto"
     threshold: float | None = Field(default=None, gt=0)  # on the robust change score
     coregister: bool = True
     max_shift_px: float = Field(default=8.0, gt=0)

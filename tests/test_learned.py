@@ -64,7 +64,14 @@ def test_model_file_loads() -> None:
     txt, js = model_paths("rgb")
     assert txt.stat().st_size < 2_000_000
     meta = json.loads(js.read_text())
-    assert "research" in meta["lineage"] and meta["held_out"]
+    assert "research" in meta["lineage"] and meta["held_out"] and meta["held_out_cases"]
+    # held-out figures for every dataset under both protocols, thresholds never self-chosen
+    for proto in ("held_out", "held_out_cases"):
+        assert {"landsat", "levir", "oscd", "oscd-rgb", "macro"} <= set(meta[proto])
+        assert all("other" in r["threshold_from"] for d, r in meta[proto].items()
+                   if d != "macro")
+    lo, hi = meta["res_range_m"]
+    assert lo <= 0.5 and hi >= 30.0
     z = np.zeros((3, 8, 8), np.float32)
     names, _ = F.compute(z, z, np.ones((8, 8), bool), ("red", "green", "blue"), 1.0)
     assert tuple(names) == model.features

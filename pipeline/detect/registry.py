@@ -19,8 +19,12 @@ log = logging.getLogger(__name__)
 DETECTORS: tuple[str, ...] = ("auto", "spectral", "cva", "learned")
 
 
-def _learned(roles: tuple[str, ...], res_m: float) -> ChangeDetector | None:
-    """The learned detector for these bands, or None when it or its model is unavailable."""
+def _learned(roles: tuple[str, ...], res_m: float, exact: bool) -> ChangeDetector | None:
+    """The learned detector for these bands, or None when it or its model is unavailable.
+
+    ``exact``: only a model trained for exactly this band set and pixel size (``auto``); else an
+    RGB model may serve RGB+NIR imagery (``learned``).
+    """
     try:
         mod: Any = importlib.import_module("pipeline.detect.learned")
     except Exception as err:  # noqa: BLE001 - any import failure means "not available"
@@ -28,12 +32,12 @@ def _learned(roles: tuple[str, ...], res_m: float) -> ChangeDetector | None:
         return None
     try:
         has = getattr(mod, "has_model", None)
-        if callable(has) and not has(roles, res_m):
+        if callable(has) and not has(roles, res_m, exact=exact):
             return None
         factory = getattr(mod, "load_detector", None) or getattr(mod, "LearnedDetector", None)
         if factory is None:
             return None
-        det = factory(roles=roles, res_m=res_m)
+        det = factory(roles=roles, res_m=res_m, exact=exact)
     except Exception as err:  # noqa: BLE001 - missing/invalid model: fall back
         log.info("learned detector has no usable model for bands %s: %s", roles, err)
         return None
@@ -74,8 +78,13 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
                  threshold: float | None = None) -> ChangeDetector:
     """Detector ``name`` for these band roles and pixel size.
 
-    ``"auto"`` picks the learned detector when :mod:`pipeline.detect.learned` exists and has a
-    model for these bands, else the spectral one. ``threshold`` (noise units) applies to the
+    ``"auto"`` chooses by bands and pixel size only: the learned detector when
+    :mod:`pipeline.detect.learned` ships a model for them (RGB imagery: the RGB model; RGB+NIR:
+    an RGB+NIR model for that pixel size, else the RGB model from
+    ``learned.RGB_FOR_NIR_MIN_RES_M`` = 5 m up), else the spectral one. So 1 m RGB+NIR imagery
+    gets the spectral detector, whose NIR evidence finds small vegetation clearings the RGB
+    model misses, and Sentinel-2 / Landsat the RGB model. ``"learned"`` lets the RGB model
+    serve RGB+NIR imagery at any pixel size. ``threshold`` (noise units) applies to the
     spectral detector. Unknown names raise :class:`~pipeline.errors.ConfigError`.
     """
     roles = tuple(roles)
@@ -83,7 +92,7 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
     if key not in DETECTORS:
         raise ConfigError(f"unknown detection method {name!r}; use one of {', '.join(DETECTORS)}")
     if key in ("auto", "learned"):
-        det = _learned(roles, res_m)
+        det = _learned(roles, res_m, exact=key == "auto")
         if det is not None:
             return det
         if key == "learned":

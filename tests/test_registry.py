@@ -1,0 +1,68 @@
+"""Detector selection: ``auto`` picks by bands and pixel size, never by case."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from pipeline.detect.registry import get_detector
+from pipeline.detect.spectral import SpectralDetector
+from pipeline.errors import ConfigError
+
+needs_lgb = pytest.mark.skipif(importlib.util.find_spec("lightgbm") is None,
+                               reason="lightgbm not installed")
+RGB = ("red", "green", "blue")
+RGBN = ("blue", "green", "red", "nir")
+
+
+def _is_learned(det: object) -> bool:
+    return type(det).__name__ == "_WithEvidence"
+
+
+def test_unknown_method_rejected() -> None:
+    with pytest.raises(ConfigError, match="unknown detection method"):
+        get_detector("magic", RGB, 1.0)
+
+
+@pytest.mark.parametrize("name", ["spectral", "cva"])
+def test_spectral_by_name(name: str) -> None:
+    assert isinstance(get_detector(name, RGBN, 1.0), SpectralDetector)
+
+
+def test_auto_without_visible_bands_is_spectral() -> None:
+    assert isinstance(get_detector("auto", ("nir", "swir1"), 10.0), SpectralDetector)
+    with pytest.raises(ConfigError, match="no model"):
+        get_detector("learned", ("nir", "swir1"), 10.0)
+
+
+@needs_lgb
+@pytest.mark.parametrize("res", [0.5, 1.0, 10.0, 30.0])
+def test_auto_rgb_is_learned(res: float) -> None:
+    assert _is_learned(get_detector("auto", RGB, res))
+
+
+@needs_lgb
+def test_auto_rgb_nir_by_resolution() -> None:
+    """Without an RGB+NIR model: VHR RGB+NIR gets the spectral detector (its NIR evidence finds
+    small clearings), decametric RGB+NIR (Sentinel-2, Landsat) the RGB model."""
+    from pipeline.detect import learned
+
+    if learned.has_model(RGBN, 1.0, exact=True) and learned._kind_for(
+            RGBN, learned.MODEL_DIR, 1.0, exact=True) == "ms":
+        pytest.skip("an RGB+NIR model for 1 m ships")
+    assert isinstance(get_detector("auto", RGBN, 1.0), SpectralDetector)
+    assert _is_learned(get_detector("auto", RGBN, 10.0))
+    assert _is_learned(get_detector("learned", RGBN, 1.0))  # explicit: RGB model, NIR ignored
+
+
+@needs_lgb
+def test_learned_output_carries_evidence() -> None:
+    det = get_detector("auto", RGB, 10.0)
+    rng = np.random.default_rng(0)
+    a = (0.1 + 0.3 * rng.random((3, 48, 48))).astype(np.float32)
+    out = det(a, a, np.ones((48, 48), bool), RGB, 10.0)
+    assert {"change", "shape_score", "ratio_spread", "veg_before"} <= set(out)
+    assert out["change"].dtype == np.float32 and out["change"].shape == (48, 48)
+    assert det.halo >= SpectralDetector(10.0).halo
