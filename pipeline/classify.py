@@ -158,31 +158,68 @@ def _confidence(p_mean: float, support: float) -> float:
     return 1.0 / (1.0 + math.exp(-(_logit(p_mean) + GAIN * (2.0 * support - 1.0))))
 
 
+class _Objects:
+    """The labelled pixels of a block as flat indexes, so per-object sums touch only them.
+
+    Changed objects cover a small share of a block: gathering their pixels once makes every
+    per-object statistic cost O(object pixels) instead of O(block pixels).
+    """
+
+    def __init__(self, lab: np.ndarray, n: int) -> None:
+        self.shape, self.n = lab.shape, n
+        flat = lab.ravel()
+        self.idx = np.flatnonzero(flat)
+        self.lab = flat[self.idx].astype(np.intp)
+
+    def subset(self, keep: np.ndarray) -> _Objects:
+        out = object.__new__(_Objects)
+        out.shape, out.n, out.idx, out.lab = self.shape, self.n, self.idx[keep], self.lab[keep]
+        return out
+
+    def values(self, layer: np.ndarray) -> np.ndarray:
+        return layer.ravel()[self.idx]
+
+    def count(self) -> np.ndarray:
+        return np.bincount(self.lab, minlength=self.n + 1)
+
+    def means(self, layer: np.ndarray | None) -> np.ndarray:
+        """Per-object nan-aware mean (NaN where the object has no finite value; [0] = NaN)."""
+        if layer is None:
+            return np.full(self.n + 1, np.nan)
+        v = self.values(layer).astype(np.float64)
+        ok = np.isfinite(v)
+        lab = self.lab if ok.all() else self.lab[ok]
+        if not ok.all():
+            v = v[ok]
+        s = np.bincount(lab, v, minlength=self.n + 1)
+        c = np.bincount(lab, minlength=self.n + 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = np.where(c > 0, s / np.maximum(c, 1), np.nan)
+        out[0] = np.nan
+        return out
+
+
 def _means(lab: np.ndarray, n: int, layer: np.ndarray | None) -> np.ndarray:
     """Per-object nan-aware mean of ``layer`` (NaN where the object has no finite value)."""
-    if layer is None:
-        return np.full(n + 1, np.nan)
-    v = layer.astype(np.float64).ravel()
-    ok = np.isfinite(v)
-    s = np.bincount(lab.ravel()[ok], v[ok], minlength=n + 1)
-    c = np.bincount(lab.ravel()[ok], minlength=n + 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(c > 0, s / np.maximum(c, 1), np.nan)
+    return _Objects(lab, n).means(layer)
 
 
-def _parcel_fill(lab: np.ndarray, n: int, parcel: np.ndarray | None) -> np.ndarray:
+def _parcel_fill(lab: np.ndarray, n: int, parcel: np.ndarray | None,
+                 objs: _Objects | None = None) -> np.ndarray:
     """Per object: largest share of one farmland parcel (in this block) that it covers."""
     fill = np.zeros(n + 1)
     if parcel is None:
         return fill
-    parcel = parcel.astype(np.int64)
-    psize = np.bincount(parcel.ravel())
-    m = (lab > 0) & (parcel > 0)
+    objs = objs or _Objects(lab, n)
+    pobj = objs.values(parcel).astype(np.int64)
+    m = pobj > 0
     if not m.any():
         return fill
-    pair = lab[m].astype(np.int64) * (int(parcel.max()) + 1) + parcel[m]
+    psize = np.bincount(parcel.ravel())
+    base = int(parcel.max()) + 1
+    pair = objs.lab[m].astype(np.int64) * base + pobj[m]
     keys, counts = np.unique(pair, return_counts=True)
-    obj, pid = keys // (int(parcel.max()) + 1), keys % (int(parcel.max()) + 1)
+    obj, pid = keys // base, keys % base
     share = counts / psize[pid]
     np.maximum.at(fill, obj, share)
     return fill
@@ -191,22 +228,26 @@ def _parcel_fill(lab: np.ndarray, n: int, parcel: np.ndarray | None) -> np.ndarr
 def _object_features(ev: dict[str, np.ndarray], masks: dict[str, np.ndarray], valid: np.ndarray,
                      lab: np.ndarray, n: int, res_m: float) -> dict[str, np.ndarray]:
     """Per-object (index = label) means of evidence and fractions on each rule layer."""
-    f: dict[str, np.ndarray] = {"n": np.bincount(lab.ravel(), minlength=n + 1).astype(float)}
-    f["change"] = _means(lab, n, ev["change"])
+    objs = _Objects(lab, n)
+    f: dict[str, np.ndarray] = {"n": objs.count().astype(float)}
+    f["change"] = objs.means(ev["change"])
     # spectral states from the confidently changed pixels: the grown rim mixes in the surround
-    seed = np.where(ev["change"] >= P_SEED, lab, 0)
+    seed = objs.subset(objs.values(ev["change"]) >= P_SEED)
     for key in SPECTRAL_KEYS:
-        f[key] = _means(seed, n, ev.get(key))
+        f[key] = seed.means(ev.get(key))
     for role in RULE_ROLES:
         m = masks.get(role)
         f[f"f_{role}"] = (np.zeros(n + 1) if m is None
-                          else np.nan_to_num(_means(lab, n, m.astype(np.float32))))
-    f["fill"] = _parcel_fill(lab, n, masks.get(PARCEL_KEY))
-    k = max(1, round(MASK_EDGE_M / res_m))
-    near = ndi.binary_dilation(~valid, iterations=k) & valid
-    f["f_edge"] = np.nan_to_num(_means(lab, n, near.astype(np.float32)))
+                          else np.nan_to_num(objs.means(m)))
+    f["fill"] = _parcel_fill(lab, n, masks.get(PARCEL_KEY), objs)
+    if valid.all():
+        f["f_edge"] = np.zeros(n + 1)
+    else:
+        k = max(1, round(MASK_EDGE_M / res_m))
+        near = ndi.binary_dilation(~valid, iterations=k) & valid
+        f["f_edge"] = np.nan_to_num(objs.means(near))
     core = ndi.binary_erosion(lab > 0, structure=np.ones((3, 3), bool))
-    f["core"] = np.nan_to_num(_means(lab, n, (core & (lab > 0)).astype(np.float32)))
+    f["core"] = np.nan_to_num(objs.means(core))
     return f
 
 
@@ -228,10 +269,11 @@ def _cloud_pieces(ev: dict[str, np.ndarray], whole: np.ndarray, lab: np.ndarray,
     unvegetated (NDVI < 0.1; no test without NIR) after state: a cloud the mask missed.
     """
     m = int(whole.max())
-    seed = np.where(ev["change"] >= P_SEED, whole, 0)
-    g = {k: _means(seed, m, ev.get(k)) for k in
+    objs = _Objects(whole, m)
+    seed = objs.subset(objs.values(ev["change"]) >= P_SEED)
+    g = {k: seed.means(ev.get(k)) for k in
          ("bright_after", "chroma_blue_after", "chroma_red_after", "ndvi_after")}
-    area = np.bincount(whole.ravel(), minlength=m + 1) * res_m * res_m
+    area = objs.count() * res_m * res_m
     with np.errstate(invalid="ignore"):
         flat = ((np.abs(g["chroma_blue_after"] - 1 / 3) < 0.04)
                 & (np.abs(g["chroma_red_after"] - 1 / 3) < 0.04))
@@ -245,7 +287,13 @@ def _cloud_pieces(ev: dict[str, np.ndarray], whole: np.ndarray, lab: np.ndarray,
 def _decide(f: dict[str, np.ndarray], i: int, *, res_m: float,
             categories: dict[str, CategoryConfig]) -> tuple[str, float]:
     """Category (or ``excluded:<reason>``) and spectral support 0..1 for object ``i``."""
-    g = {k: float(v[i]) for k, v in f.items()}
+    return _decide_row({k: float(v[i]) for k, v in f.items()}, res_m=res_m,
+                       categories=categories)
+
+
+def _decide_row(g: dict[str, float], *, res_m: float,
+                categories: dict[str, CategoryConfig]) -> tuple[str, float]:
+    """:func:`_decide` on one object's features as plain floats (``g`` is extended)."""
     if g["f_edge"] >= 0.5:
         return "excluded:mask_edge", 0.0
     if _illumination(g):
@@ -341,10 +389,14 @@ def classify_block(evidence: dict[str, np.ndarray], rule_masks: dict[str, np.nda
         anchors = _anchors(lab, n)
         codes = np.zeros(n + 1, np.uint8)
         confs = np.zeros(n + 1, np.float32)
-        for i in range(1, n + 1):
-            if f["n"][i] < min_px:
-                continue
-            name, support = _decide(f, i, res_m=res_m, categories=categories)
+        keys = list(f)
+        todo = np.flatnonzero(f["n"] >= min_px)
+        todo = todo[todo > 0]
+        # one row of plain floats per object (a dict per object from numpy scalars is slow)
+        rows = np.column_stack([f[k][todo] for k in keys]).tolist() if todo.size else []
+        for i, row in zip(todo.tolist(), rows, strict=True):
+            name, support = _decide_row(dict(zip(keys, row, strict=True)), res_m=res_m,
+                                        categories=categories)
             if name.startswith("excluded:"):
                 if core is None or _in_core(anchors[i], core):
                     excluded[name.split(":", 1)[1]] += 1

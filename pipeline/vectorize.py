@@ -36,6 +36,10 @@ class BlockPolygons:
     counts: dict[str, list[int]] = field(default_factory=dict)
     #: whether the polygon touches an edge of its block shared with another block
     on_seam: list[bool] = field(default_factory=list)
+    #: after :func:`join_blocks`: pairs of polygons that share a seam edge but got different
+    #: categories in their blocks (an object wider than the halo decided differently on each
+    #: side, or two different objects that happen to touch at a block edge)
+    seam_conflicts: int = 0
 
 
 def block_polygons(category: np.ndarray, window: Window, grid_shape: tuple[int, int],
@@ -112,15 +116,21 @@ def join_blocks(parts: Iterable[BlockPolygons]) -> BlockPolygons:
         return i
 
     codes = merged.codes
+    conflicts = 0
     for a, b in zip(seam_idx[left], seam_idx[right], strict=True):
-        if a < b and codes[a] == codes[b] and _shared_edge(merged.geoms[a], merged.geoms[b]):
+        if a < b and _shared_edge(merged.geoms[a], merged.geoms[b]):
+            if codes[a] != codes[b]:
+                conflicts += 1
+                continue
             ra, rb = find(int(a)), find(int(b))
             if ra != rb:
                 parent[max(ra, rb)] = min(ra, rb)
+    merged.seam_conflicts = conflicts
     roots = np.array([find(i) for i in range(len(merged.geoms))])
     if (roots == np.arange(len(roots))).all():
         return merged
-    out = BlockPolygons(sums={k: [] for k in STAT_LAYERS}, counts={k: [] for k in STAT_LAYERS})
+    out = BlockPolygons(sums={k: [] for k in STAT_LAYERS}, counts={k: [] for k in STAT_LAYERS},
+                        seam_conflicts=conflicts)
     order = np.argsort(roots, kind="stable")
     groups = np.split(order, np.flatnonzero(np.diff(roots[order])) + 1)
     for g in groups:
@@ -146,9 +156,13 @@ def to_map(polys: BlockPolygons, transform: Affine, *, simplify_px: float = 0.0,
         return []
     t = transform
     geoms_px = np.asarray(polys.geoms, dtype=object)
-    # tolerance 0 still drops the collinear vertices that seam joins leave behind
-    geoms_px = shapely.simplify(geoms_px, simplify_px, preserve_topology=True)
-    geoms_px = shapely.normalize(geoms_px)  # same vertex order whatever the block layout
+    # canonical first: tolerance 0 drops the collinear vertices that seam joins leave behind
+    # and normalize fixes where each ring starts, so the simplification (which depends on the
+    # start vertex) gives the same polygon whatever the block layout
+    geoms_px = shapely.normalize(shapely.simplify(geoms_px, 0.0, preserve_topology=True))
+    if simplify_px > 0:
+        geoms_px = shapely.simplify(geoms_px, simplify_px, preserve_topology=True)
+        geoms_px = shapely.normalize(geoms_px)
     geoms_map = shapely.transform(geoms_px, lambda xy: np.column_stack(
         [t.a * xy[:, 0] + t.b * xy[:, 1] + t.c, t.d * xy[:, 0] + t.e * xy[:, 1] + t.f]))
     pixel_area = abs(t.a * t.e - t.b * t.d)

@@ -70,3 +70,23 @@ def test_holes_kept() -> None:
     [rec] = polygons_from_array(cat, T, block_size=5)
     assert len(rec["geometry"].interiors) == 1
     assert rec["geometry"].area == 91.0
+
+
+def test_seam_conflicts_are_counted_not_joined() -> None:
+    from rasterio.windows import Window
+
+    from pipeline.vectorize import block_polygons, join_blocks
+
+    cat = np.zeros((8, 16), np.uint8)
+    cat[2:6, 2:8] = 1  # left block: one category
+    cat[2:6, 8:14] = 3  # right block: the same object, decided differently
+    parts = [block_polygons(cat[:, :8], Window(0, 0, 8, 8), cat.shape),
+             block_polygons(cat[:, 8:], Window(8, 0, 8, 8), cat.shape)]
+    joined = join_blocks(parts)
+    assert joined.seam_conflicts == 1 and len(joined.geoms) == 2
+    same = cat.copy()
+    same[same == 3] = 1
+    parts = [block_polygons(same[:, :8], Window(0, 0, 8, 8), cat.shape),
+             block_polygons(same[:, 8:], Window(8, 0, 8, 8), cat.shape)]
+    joined = join_blocks(parts)
+    assert joined.seam_conflicts == 0 and len(joined.geoms) == 1

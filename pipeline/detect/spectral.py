@@ -76,24 +76,66 @@ def _smooth_sigma_px(res_m: float) -> float:
     return float(np.clip(1.0 / res_m, 0.5, 1.5))
 
 
+def _gauss(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian (``truncate=3``, ``mode="nearest"``) of a float32 array."""
+    return ndi.gaussian_filter(x, sigma, mode="nearest", truncate=3.0, output=np.float32)
+
+
+class _Smoother:
+    """Normalised convolution over valid pixels, with the weight image computed once per mask.
+
+    ``all_valid`` skips the masking and the division (the weights are 1 up to rounding).
+    """
+
+    def __init__(self, valid: np.ndarray, sigma: float) -> None:
+        self.valid, self.sigma = valid, sigma
+        self.all_valid = bool(valid.all())
+        self.den: np.ndarray | None = None
+        if not self.all_valid:
+            self.den = np.maximum(_gauss(valid.astype(np.float32), sigma), np.float32(1e-3))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.all_valid:
+            return _gauss(x.astype(np.float32, copy=False), self.sigma)
+        num = _gauss(np.where(self.valid, x, np.float32(0.0)).astype(np.float32, copy=False),
+                     self.sigma)
+        num /= self.den
+        num[~self.valid] = 0.0
+        return num
+
+
 def _smooth(x: np.ndarray, valid: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian smoothing over valid pixels only (normalised convolution), 0 elsewhere."""
-    num = ndi.gaussian_filter(np.where(valid, x, 0.0), sigma, mode="nearest", truncate=3.0)
-    den = ndi.gaussian_filter(valid.astype(np.float32), sigma, mode="nearest", truncate=3.0)
-    return np.where(valid, num / np.maximum(den, 1e-3), 0.0).astype(np.float32)
+    return _Smoother(valid, sigma)(x)
 
 
 def _ratio_spread(before: np.ndarray, after: np.ndarray, valid: np.ndarray,
-                  sigma: float) -> np.ndarray:
+                  sigma: float, smoother: _Smoother | None = None) -> np.ndarray:
     """Spread (max - min over bands) of the log after/before ratio of locally smoothed bands.
 
     Near 0 when every band scaled alike (illumination, cloud shadow); a change of material
     changes bands unequally. ``RATIO_EPS`` keeps the log finite and tame in the dark.
     """
-    logs = [np.log((_smooth(a, valid, sigma) + RATIO_EPS) / (_smooth(b, valid, sigma) + RATIO_EPS))
-            for b, a in zip(np.clip(before, 0, None), np.clip(after, 0, None), strict=True)]
-    spread = np.max(logs, axis=0) - np.min(logs, axis=0)
-    return np.where(valid, spread, 0.0).astype(np.float32)
+    sm = smoother or _Smoother(valid, sigma)
+    eps = np.float32(RATIO_EPS)
+    lo = hi = None
+    for b, a in zip(before, after, strict=True):
+        sa = sm(np.maximum(a, np.float32(0.0)))
+        sb = sm(np.maximum(b, np.float32(0.0)))
+        sa += eps
+        sb += eps
+        sa /= sb
+        lr = np.log(sa, out=sa)
+        if lo is None:
+            lo, hi = lr, lr.copy()
+        else:
+            np.minimum(lo, lr, out=lo)
+            np.maximum(hi, lr, out=hi)
+    assert lo is not None and hi is not None
+    hi -= lo
+    if not sm.all_valid:
+        hi[~valid] = 0.0
+    return hi
 
 
 def _illumination_weight(spread: np.ndarray, bright_b: np.ndarray, bright_a: np.ndarray,
@@ -106,28 +148,63 @@ def _illumination_weight(spread: np.ndarray, bright_b: np.ndarray, bright_a: np.
     """
     if n_bands < 2:
         return np.ones_like(spread)
-    w = np.clip(spread / ILLUM_SPREAD, 0.0, 1.0)
-    lr = np.log((bright_a + RATIO_EPS) / (bright_b + RATIO_EPS))
-    return np.where((lr < -math.log(ILLUM_MAX_DARKEN)) | (lr > math.log(ILLUM_MAX_BRIGHTEN)),
-                    1.0, w).astype(np.float32)
+    w = np.clip(spread / np.float32(ILLUM_SPREAD), 0.0, 1.0).astype(np.float32, copy=False)
+    eps = np.float32(RATIO_EPS)
+    lr = np.log((bright_a + eps) / (bright_b + eps))
+    w[(lr < -math.log(ILLUM_MAX_DARKEN)) | (lr > math.log(ILLUM_MAX_BRIGHTEN))] = 1.0
+    return w
+
+
+def _shift_reduce(x: np.ndarray, r: int, op: np.ufunc) -> np.ndarray:
+    """``op``-filter (np.minimum / np.maximum) over a (2r+1)² window, ``mode="nearest"``.
+
+    Separable, by shifted views: beyond the edge ``nearest`` repeats the edge pixel, which is
+    inside the window anyway, so clipping the window to the array gives the same result.
+    """
+    out = x.copy()
+    for axis in (0, 1):
+        src = out.copy()
+        n = src.shape[axis]
+        for k in range(1, min(r, n - 1) + 1):
+            a = [slice(None), slice(None)]
+            b = [slice(None), slice(None)]
+            a[axis], b[axis] = slice(0, n - k), slice(k, n)
+            op(out[tuple(a)], src[tuple(b)], out=out[tuple(a)])
+            op(out[tuple(b)], src[tuple(a)], out=out[tuple(b)])
+    return out
 
 
 def _range_filter(x: np.ndarray, valid: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
     """Local min and max of ``x`` over valid pixels in a (2r+1)² window (inf where none)."""
-    size = 2 * r + 1
-    lo = ndi.minimum_filter(np.where(valid, x, np.inf), size=size, mode="nearest")
-    hi = ndi.maximum_filter(np.where(valid, x, -np.inf), size=size, mode="nearest")
+    x = x.astype(np.float32, copy=False)
+    if valid.all():
+        return _shift_reduce(x, r, np.minimum), _shift_reduce(x, r, np.maximum)
+    lo = _shift_reduce(np.where(valid, x, np.float32(np.inf)), r, np.minimum)
+    hi = _shift_reduce(np.where(valid, x, np.float32(-np.inf)), r, np.maximum)
     return lo, hi
 
 
 def ntd(before: np.ndarray, after: np.ndarray, valid: np.ndarray, r: int) -> np.ndarray:
     """Neighbourhood-tolerant absolute difference of one layer (0 inside the other's range)."""
+    before = before.astype(np.float32, copy=False)
+    after = after.astype(np.float32, copy=False)
     blo, bhi = _range_filter(before, valid, r)
+    # d = max(blo - after, after - bhi, alo - before, before - ahi, 0), computed in place
+    blo -= after
+    np.subtract(after, bhi, out=bhi)
+    np.maximum(blo, bhi, out=blo)
     alo, ahi = _range_filter(after, valid, r)
-    d_after = np.maximum(np.maximum(blo - after, after - bhi), 0.0)
-    d_before = np.maximum(np.maximum(alo - before, before - ahi), 0.0)
-    d = np.maximum(d_after, d_before)
-    return np.where(valid & np.isfinite(d), d, 0.0).astype(np.float32)
+    alo -= before
+    np.subtract(before, ahi, out=ahi)
+    np.maximum(alo, ahi, out=alo)
+    np.maximum(blo, alo, out=blo)
+    np.maximum(blo, np.float32(0.0), out=blo)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(blo)
+    if not valid.all():
+        bad |= ~valid
+    blo[bad] = 0.0
+    return blo
 
 
 def _index(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -182,41 +259,62 @@ class SpectralDetector:
         self.halo = max(own, min(MAX_CONTEXT_PX, math.ceil(CONTEXT_M / res_m)))
 
     def score(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
-              roles: tuple[str, ...], res_m: float) -> tuple[np.ndarray, dict, dict]:
+              roles: tuple[str, ...], res_m: float, smoother: _Smoother | None = None,
+              ) -> tuple[np.ndarray, dict, dict]:
         """Raw change score in noise units (unsmoothed) and the per-date features."""
         r = _tolerance_px(res_m)
-        k = self.noise_scale
+        k = np.float32(self.noise_scale)
+        sm = smoother or _Smoother(valid, _smooth_sigma_px(res_m))
         fb, fa = _features(before, roles), _features(after, roles)
         z2 = np.zeros(valid.shape, np.float32)
-        for i in range(before.shape[0]):
-            b, a = before[i].astype(np.float32), after[i].astype(np.float32)
-            sigma = k * (NOISE_ABS + NOISE_REL * np.clip(np.maximum(a, b), 0.0, None))
-            z2 += (ntd(b, a, valid, r) / sigma) ** 2
-        magnitude = np.sqrt(z2 / before.shape[0])
-        # shape terms (blind to a common scale of all bands, i.e. to illumination); ratios are
-        # unreliable in the dark, so their floors widen with the darker date's noise-to-signal
-        shape = np.zeros(valid.shape, np.float32)
-        dark = np.maximum(np.minimum(fb["bright"], fa["bright"]), 0.005)
-        if {"nir", "red"} <= set(roles):
-            inir, ired = roles.index("nir"), roles.index("red")
-            nr = np.minimum(np.clip(before[inir], 0, None) + np.clip(before[ired], 0, None),
-                            np.clip(after[inir], 0, None) + np.clip(after[ired], 0, None))
-            sig = k * (NOISE_INDEX + 0.006 / np.maximum(nr, 0.005))
-            shape = np.maximum(shape, ntd(fb["ndvi"], fa["ndvi"], valid, r) / sig)
-        elif set(_VISIBLE) <= set(roles):
-            sig = k * (NOISE_INDEX + 0.0015 / dark)
-            shape = np.maximum(shape, ntd(fb["exg"], fa["exg"], valid, r) / sig)
-        chroma = [c for c in fb if c.startswith("chroma_")]
-        if chroma:
-            sig = k * (NOISE_CHROMA + 0.001 / dark)
-            cz = np.max([ntd(fb[c], fa[c], valid, r) for c in chroma], axis=0)
-            shape = np.maximum(shape, cz / sig)
-        spread = _ratio_spread(before, after, valid, _smooth_sigma_px(res_m))
-        s = np.maximum(shape, magnitude * _illumination_weight(spread, fb["bright"], fa["bright"],
-                                                               before.shape[0]))
-        fb["shape"] = np.where(valid, shape, 0.0).astype(np.float32)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for i in range(before.shape[0]):
+                b, a = before[i], after[i]
+                sigma = np.maximum(a, b)
+                np.maximum(sigma, np.float32(0.0), out=sigma)
+                sigma *= np.float32(NOISE_REL)
+                sigma += np.float32(NOISE_ABS)
+                sigma *= k
+                d = ntd(b, a, valid, r)
+                d /= sigma
+                d *= d
+                z2 += d
+            z2 /= np.float32(before.shape[0])
+            magnitude = np.sqrt(z2, out=z2)
+            # shape terms (blind to a common scale of all bands, i.e. to illumination); ratios
+            # are unreliable in the dark, so their floors widen with the darker date's
+            # noise-to-signal
+            shape = np.zeros(valid.shape, np.float32)
+            dark = np.maximum(np.minimum(fb["bright"], fa["bright"]), np.float32(0.005))
+            if {"nir", "red"} <= set(roles):
+                inir, ired = roles.index("nir"), roles.index("red")
+                zero = np.float32(0.0)
+                nr = np.minimum(np.maximum(before[inir], zero) + np.maximum(before[ired], zero),
+                                np.maximum(after[inir], zero) + np.maximum(after[ired], zero))
+                sig = k * (np.float32(NOISE_INDEX)
+                           + np.float32(0.006) / np.maximum(nr, np.float32(0.005)))
+                np.maximum(shape, ntd(fb["ndvi"], fa["ndvi"], valid, r) / sig, out=shape)
+            elif set(_VISIBLE) <= set(roles):
+                sig = k * (np.float32(NOISE_INDEX) + np.float32(0.0015) / dark)
+                np.maximum(shape, ntd(fb["exg"], fa["exg"], valid, r) / sig, out=shape)
+            chroma = [c for c in fb if c.startswith("chroma_")]
+            if chroma:
+                cz = ntd(fb[chroma[0]], fa[chroma[0]], valid, r)
+                for c in chroma[1:]:
+                    np.maximum(cz, ntd(fb[c], fa[c], valid, r), out=cz)
+                sig = k * (np.float32(NOISE_CHROMA) + np.float32(0.001) / dark)
+                cz /= sig
+                np.maximum(shape, cz, out=shape)
+            spread = _ratio_spread(before, after, valid, sm.sigma, sm)
+            magnitude *= _illumination_weight(spread, fb["bright"], fa["bright"],
+                                              before.shape[0])
+            s = np.maximum(shape, magnitude, out=magnitude)
+        if not sm.all_valid:
+            s[~valid] = 0.0
+            shape[~valid] = 0.0
+        fb["shape"] = shape
         fb["spread"] = spread
-        return np.where(valid, s, 0.0).astype(np.float32), fb, fa
+        return s, fb, fa
 
     def __call__(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
                  roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
@@ -226,18 +324,22 @@ class SpectralDetector:
             raise ValueError(f"before {before.shape} / after {after.shape} do not match "
                              f"{len(roles)} band roles {roles}")
         valid = valid.astype(bool) & np.isfinite(before).all(0) & np.isfinite(after).all(0)
-        before = np.where(valid, before, 0.0).astype(np.float32)
-        after = np.where(valid, after, 0.0).astype(np.float32)
-        s, fb, fa = self.score(before, after, valid, roles, res_m)
-        s_smooth = _smooth(s, valid, _smooth_sigma_px(res_m))
-        change = np.where(valid, _sigmoid((s_smooth - self.threshold) / WIDTH), 0.0)
-        out: dict[str, np.ndarray] = {"change": change.astype(np.float32), "score": s_smooth,
-                                      "shape_score": _smooth(fb.pop("shape"), valid,
-                                                             _smooth_sigma_px(res_m))}
+        zero = np.float32(0.0)
+        before = np.where(valid, before, zero).astype(np.float32, copy=False)
+        after = np.where(valid, after, zero).astype(np.float32, copy=False)
+        sm = _Smoother(valid, _smooth_sigma_px(res_m))
+        s, fb, fa = self.score(before, after, valid, roles, res_m, sm)
+        s_smooth = sm(s)
+        del s
+        change = _sigmoid((s_smooth - np.float32(self.threshold)) / np.float32(WIDTH))
+        if not sm.all_valid:
+            change[~valid] = 0.0
+        out: dict[str, np.ndarray] = {"change": change, "score": s_smooth,
+                                      "shape_score": sm(fb.pop("shape"))}
         out["ratio_spread"] = fb.pop("spread")
         for name in ("ndvi", "bright", "exg", "veg"):
-            out[f"{name}_before"] = fb[name].astype(np.float32)
-            out[f"{name}_after"] = fa[name].astype(np.float32)
+            out[f"{name}_before"] = fb[name].astype(np.float32, copy=False)
+            out[f"{name}_after"] = fa[name].astype(np.float32, copy=False)
         for name in (c for c in fa if c.startswith("chroma_")):
-            out[f"{name}_after"] = fa[name].astype(np.float32)
+            out[f"{name}_after"] = fa[name].astype(np.float32, copy=False)
         return out

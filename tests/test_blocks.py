@@ -1,0 +1,91 @@
+"""Block scheduling: inline, process pool and bounded in-flight work give the same results."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+import numpy as np
+
+from pipeline.blocks import _bounded, default_workers, map_blocks
+from pipeline.grid import Block, Grid
+from pipeline.progress import Progress, Timings
+
+
+def _square_sum(job: int, block: Block) -> tuple[int, int]:
+    return block.index, job * int(block.core.width * block.core.height)
+
+
+def test_grid_blocks_cover_the_grid_once() -> None:
+    from affine import Affine
+
+    grid = Grid((130, 200), Affine(1, 0, 0, 0, -1, 0), "EPSG:32650")
+    blocks = list(grid.blocks(64, halo=8))
+    assert len(blocks) == grid.n_blocks(64) == 3 * 4
+    cover = np.zeros(grid.shape, int)
+    for b in blocks:
+        r, c = int(b.core.row_off), int(b.core.col_off)
+        cover[r:r + int(b.core.height), c:c + int(b.core.width)] += 1
+        assert b.outer.row_off >= 0 and b.outer.col_off >= 0
+        assert b.outer.row_off + b.outer.height <= 130
+        assert b.outer.col_off + b.outer.width <= 200
+    assert (cover == 1).all()
+
+
+def test_inline_and_pool_give_the_same_results() -> None:
+    from affine import Affine
+
+    grid = Grid((300, 300), Affine(1, 0, 0, 0, -1, 0), "EPSG:32650")
+    blocks = list(grid.blocks(64, halo=4))
+    inline = dict(r for _, r in map_blocks(_square_sum, 3, blocks, workers=1))
+    pooled = dict(r for _, r in map_blocks(_square_sum, 3, blocks, workers=2))
+    assert inline == pooled
+    assert sum(inline.values()) == 3 * 300 * 300
+    assert default_workers() >= 1
+
+
+def test_bounded_keeps_at_most_limit_in_flight() -> None:
+    from affine import Affine
+
+    grid = Grid((100, 100), Affine(1, 0, 0, 0, -1, 0), "EPSG:32650")
+    blocks = list(grid.blocks(10))
+    in_flight = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def submit(b: Block) -> Future:
+        nonlocal in_flight, peak
+        f: Future = Future()
+        with lock:
+            in_flight += 1
+            peak = max(peak, in_flight)
+
+        def done(_: Future) -> None:
+            nonlocal in_flight
+            with lock:
+                in_flight -= 1
+
+        f.add_done_callback(done)
+        threading.Timer(0.001, f.set_result, args=(b.index,)).start()
+        return f
+
+    got = sorted(r for _, r in _bounded(submit, blocks, 4))
+    assert got == list(range(len(blocks)))
+    assert peak <= 4
+
+
+def test_progress_logs_without_a_terminal(caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    caplog.set_level(logging.INFO, logger="tuban")
+    p = Progress("detect", 20, enabled=False)
+    for _ in range(20):
+        p.update()
+    p.close()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("detect:")]
+    assert 5 <= len(lines) <= 11
+    assert "20/20 blocks (100%)" in lines[-1] and "eta" in lines[-1]
+    t = Timings()
+    with t.stage("align"):
+        pass
+    assert "align" in t and t["align"] >= 0
