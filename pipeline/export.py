@@ -407,7 +407,7 @@ def write_evidence(patch: Mapping[str, Any], before_chip: np.ndarray, after_chip
     draw.text((6, ph + 5), line1, fill=(0, 0, 0), font=font)
     draw.text((6, ph + 24), line2, fill=(60, 60, 60), font=font)
     with atomic_write(path) as tmp:
-        img.save(tmp, format="PNG", optimize=True)
+        img.save(tmp, format="PNG", compress_level=1)  # speed over bytes: one per patch
 
 
 def _write_all_evidence(patches: gpd.GeoDataFrame, folder: Path, before: ChipReader,

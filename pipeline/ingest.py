@@ -490,6 +490,64 @@ def _src_px_in_dst(ds: rasterio.DatasetReader, dst_crs: CRS) -> float:
     return max(min(abs(b[2] - b[0]), abs(b[3] - b[1])) / n, 1e-12)
 
 
+_OPEN: dict[tuple[Path, int, int], rasterio.DatasetReader] = {}
+
+
+def _dataset(path: Path) -> rasterio.DatasetReader:
+    """An open handle on ``path``, kept per process (one per worker); a file rewritten in
+    place (new size or mtime) gets a fresh handle."""
+    st = path.stat()
+    key = (path, st.st_mtime_ns, st.st_size)
+    ds = _OPEN.get(key)
+    if ds is None or ds.closed:
+        if len(_OPEN) >= 64:
+            for old in _OPEN.values():
+                old.close()
+            _OPEN.clear()
+        ds = _OPEN[key] = rasterio.open(path)
+    return ds
+
+
+def _same_grid_window(ds: rasterio.DatasetReader, dst_transform: Affine, dst_crs: CRS,
+                      ) -> tuple[int, int] | None:
+    """(col, row) offset when the destination is the source grid shifted by whole pixels."""
+    t = ds.transform
+    if dst_crs != ds.crs or t.b or t.d or dst_transform.b or dst_transform.d:
+        return None
+    if abs(t.a - dst_transform.a) > 1e-9 * abs(t.a) or abs(t.e - dst_transform.e) > 1e-9 * abs(t.e):
+        return None
+    c = (dst_transform.c - t.c) / t.a
+    r = (dst_transform.f - t.f) / t.e
+    if abs(c - round(c)) > 1e-6 or abs(r - round(r)) > 1e-6:
+        return None
+    return int(round(c)), int(round(r))
+
+
+def _read_direct(ds: rasterio.DatasetReader, indexes: list[int], off: tuple[int, int],
+                 dst_shape: tuple[int, int], nodata: float | None,
+                 ) -> tuple[np.ndarray, np.ndarray] | None:
+    h, w = dst_shape
+    c0, r0 = off
+    cc0, rr0 = max(c0, 0), max(r0, 0)
+    cc1, rr1 = min(c0 + w, ds.width), min(r0 + h, ds.height)
+    if cc1 <= cc0 or rr1 <= rr0:
+        return None
+    win = Window(cc0, rr0, cc1 - cc0, rr1 - rr0)
+    data = ds.read(indexes, window=win).astype("float32")
+    mask = ds.dataset_mask(window=win) > 0
+    mask &= np.isfinite(data).all(axis=0)
+    mask &= (data != 0).any(axis=0)
+    if nodata is not None and np.isfinite(nodata):
+        mask &= (data != np.float32(nodata)).any(axis=0)
+    out = np.full((len(indexes), h, w), np.nan, dtype="float32")
+    valid = np.zeros((h, w), dtype=bool)
+    sl = (slice(rr0 - r0, rr1 - r0), slice(cc0 - c0, cc1 - c0))
+    data[:, ~mask] = np.nan
+    out[(slice(None), *sl)] = data
+    valid[sl] = mask
+    return out, valid
+
+
 def _warp_file(path: Path, indexes: list[int], dst_transform: Affine,
                dst_shape: tuple[int, int], dst_crs: CRS, resampling: str,
                nodata: float | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -497,22 +555,25 @@ def _warp_file(path: Path, indexes: list[int], dst_transform: Affine,
     (float32 DN with NaN, bool valid), or None when the file does not reach the window."""
     h, w = dst_shape
     left, bottom, right, top = array_bounds(h, w, dst_transform)
-    with rasterio.open(path) as ds:
-        ratio = min(abs(dst_transform.a), abs(dst_transform.e)) / _src_px_in_dst(ds, dst_crs)
-        win = _src_window(ds, (left, bottom, right, top), dst_crs, ratio)
-        if win is None:
-            return None
-        factor = max(1, int(ratio))  # read decimated (overviews/out_shape) when grid is coarser
-        out_h = max(1, math.ceil(win.height / factor))
-        out_w = max(1, math.ceil(win.width / factor))
-        down = RioResampling.average if factor > 1 else RioResampling.nearest
-        data = ds.read(indexes, window=win, out_shape=(len(indexes), out_h, out_w),
-                       resampling=down)
-        mask = ds.dataset_mask(window=win, out_shape=(out_h, out_w),
-                               resampling=RioResampling.nearest) > 0
-        src_transform = ds.window_transform(win) @ Affine.scale(win.width / out_w,
-                                                                 win.height / out_h)
-        src_crs = ds.crs
+    ds = _dataset(path)
+    off = _same_grid_window(ds, dst_transform, dst_crs)
+    if off is not None:  # the working grid is the file's own: no resampling needed
+        return _read_direct(ds, indexes, off, dst_shape, nodata)
+    ratio = min(abs(dst_transform.a), abs(dst_transform.e)) / _src_px_in_dst(ds, dst_crs)
+    win = _src_window(ds, (left, bottom, right, top), dst_crs, ratio)
+    if win is None:
+        return None
+    factor = max(1, int(ratio))  # read decimated (overviews/out_shape) when grid is coarser
+    out_h = max(1, math.ceil(win.height / factor))
+    out_w = max(1, math.ceil(win.width / factor))
+    down = RioResampling.average if factor > 1 else RioResampling.nearest
+    data = ds.read(indexes, window=win, out_shape=(len(indexes), out_h, out_w),
+                   resampling=down)
+    mask = ds.dataset_mask(window=win, out_shape=(out_h, out_w),
+                           resampling=RioResampling.nearest) > 0
+    src_transform = ds.window_transform(win) @ Affine.scale(win.width / out_w,
+                                                             win.height / out_h)
+    src_crs = ds.crs
     arr = data.astype("float32")
     mask &= np.isfinite(arr).all(axis=0)
     mask &= (arr != 0).any(axis=0)
@@ -606,13 +667,18 @@ def read_block(src: ImageSource, grid: Grid, window: Window, *,
         if got is None:
             continue
         arr, tvalid = got
-        take = tvalid & ~valid
-        out[:, take] = arr[:, take]
-        valid |= take
+        if not valid.any():
+            out, valid = arr, tvalid.copy()
+        else:
+            take = tvalid & ~valid
+            out[:, take] = arr[:, take]
+            valid |= take
         if valid.all():
             break
-    out = out * np.float32(src.scale) + np.float32(src.offset)
-    out[:, ~valid] = np.nan
+    out *= np.float32(src.scale)
+    out += np.float32(src.offset)
+    if not valid.all():
+        out[:, ~valid] = np.nan
     return out, valid
 
 

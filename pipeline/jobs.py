@@ -151,7 +151,7 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         "config": cfg.model_dump(mode="json", by_alias=True, exclude={"base_dir"}),
         "inputs": _inputs_manifest([sources[i] for i in used], layer_paths),
-        "grid": {"crs": grid.crs.to_wkt(), "epsg": grid.crs.to_epsg(),
+        "grid": {"crs": grid.crs.to_string(), "wkt": grid.crs.to_wkt(),
                  "shape": list(grid.shape), "transform": list(grid.transform)[:6],
                  "resolution_m": grid.res, "bounds": list(grid.bounds)},
         "base_dir": str(cfg.base_dir),
@@ -343,7 +343,7 @@ def load_finished(run_dir: str | Path) -> FinishedRun:
     before = ingest.open_period(by_name[man["periods"]["before"]["name"]], cfg.base_dir)
     after = ingest.open_period(by_name[man["periods"]["after"]["name"]], cfg.base_dir)
     g = man["grid"]
-    grid = Grid(tuple(g["shape"]), Affine(*g["transform"]), norm_crs(g["crs"]))
+    grid = Grid(tuple(g["shape"]), Affine(*g["transform"]), norm_crs(g["wkt"]))
     a = man["alignment"]
     params = align.AlignParams(tuple(a["shift_px"]), tuple(a["gain"]), tuple(a["offset"]),
                                tuple(a["roles"]), int(a.get("n_shift_windows", 0)))

@@ -89,9 +89,6 @@ def test_compare_on_joplin_tile_folders(shared_data: Path, tmp_path: Path) -> No
     assert ((ch > 0) & (ch < 255)).mean() > 0.005
 
 
-@pytest.mark.xfail(strict=False, reason="ingest/mosaic are right and the detector's change "
-                   "score is > 0.5 on 28-38 % of damaged 512² blocks, but classify excludes "
-                   "most debris objects as 'illumination' (RGB only: all bands brighten alike)")
 def test_joplin_tornado_swath_is_reported(shared_data: Path, tmp_path: Path) -> None:
     out = jobs.compare(shared_data / "joplin" / "pre", shared_data / "joplin" / "post",
                        tmp_path / "out", workers=2)

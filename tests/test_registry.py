@@ -63,6 +63,8 @@ def test_learned_output_carries_evidence() -> None:
     rng = np.random.default_rng(0)
     a = (0.1 + 0.3 * rng.random((3, 48, 48))).astype(np.float32)
     out = det(a, a, np.ones((48, 48), bool), RGB, 10.0)
-    assert {"change", "shape_score", "ratio_spread", "veg_before"} <= set(out)
+    assert {"change", "veg_before", "veg_after", "chroma_blue_after"} <= set(out)
+    # the spectral illumination veto is not handed to classify for a learned detector
+    assert not {"shape_score", "ratio_spread"} & set(out)
     assert out["change"].dtype == np.float32 and out["change"].shape == (48, 48)
     assert det.halo >= SpectralDetector(10.0).halo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -41,6 +42,8 @@ class TubanGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """tuban: satellite change detection for land and urban-management enforcement (图斑)."""
+    # GDAL's default block cache (5 % of RAM per process) is what grows with scene size
+    os.environ.setdefault("GDAL_CACHEMAX", "256")
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
     if quiet:

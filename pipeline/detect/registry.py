@@ -55,9 +55,15 @@ def _learned(roles: tuple[str, ...], res_m: float, exact: bool) -> ChangeDetecto
 class _WithEvidence:
     """Wraps a detector so its output carries every layer the classifier reads.
 
-    Layers the wrapped detector lacks (e.g. ``chroma_*_after``, ``shape_score``,
-    ``ratio_spread``) come from the spectral detector; ``change`` stays the wrapped one's.
+    Layers the wrapped detector lacks (e.g. ``chroma_*_after``) come from the spectral
+    detector; ``change`` stays the wrapped one's. The spectral illumination evidence
+    (``shape_score``, ``ratio_spread``) is not passed on: a learned model was trained on
+    illumination differences and judges them itself, while the spectral veto would discard
+    real change that brightens every band alike (new roofs on bare ground, storm debris).
     """
+
+    #: spectral layers that would let classify veto the wrapped detector's decisions
+    NOT_PASSED: tuple[str, ...] = ("shape_score", "ratio_spread")
 
     def __init__(self, det: ChangeDetector, res_m: float) -> None:
         self.det = det
@@ -70,7 +76,8 @@ class _WithEvidence:
         out = dict(self.det(before, after, valid, roles, res_m))
         if any(k not in out for k in EVIDENCE_KEYS):
             extra = self.spectral(before, after, valid, roles, res_m)
-            out.update({k: v for k, v in extra.items() if k not in out})
+            out.update({k: v for k, v in extra.items()
+                        if k not in out and k not in self.NOT_PASSED})
         return out
 
 
