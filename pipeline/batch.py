@@ -101,8 +101,8 @@ def process_block(job: BlockJob, block: Block) -> BlockResult:
 def change_profile(grid: Grid, block_size: int) -> dict[str, Any]:
     return {"driver": "GTiff", "width": grid.width, "height": grid.height, "count": 1,
             "dtype": "uint8", "crs": grid.crs, "transform": grid.transform,
-            "nodata": NOT_OBSERVED, "tiled": True, "blockxsize": min(block_size, 512),
-            "blockysize": min(block_size, 512), "compress": "deflate", "BIGTIFF": "IF_SAFER"}
+            "nodata": NOT_OBSERVED, "tiled": True, "blockxsize": 256,
+            "blockysize": 256, "compress": "deflate", "BIGTIFF": "IF_SAFER"}
 
 
 @dataclass

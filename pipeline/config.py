@@ -101,7 +101,7 @@ class PipelineConfig(_Model):
     crs: str  # working CRS, e.g. EPSG:4547 (CGCS2000 / 3-degree GK CM 114E)
     resolution: float = Field(gt=0)  # working resolution in CRS units (m)
     bounds: tuple[float, float, float, float] | None = None  # working extent; None = overlap
-    block_size: int = Field(default=512, ge=64)
+    block_size: int | None = Field(default=None, ge=64)  # px; None: by scene size and cores
     workers: int | None = None  # local parallelism; None = all cores
     periods: list[PeriodConfig] = Field(min_length=2)
     rules: dict[RuleRole, RuleLayerConfig] = Field(default_factory=dict)

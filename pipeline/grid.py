@@ -115,5 +115,11 @@ class Grid:
                 yield Block(i, core, Window(c0, r0, c1 - c0, r1 - r0))
                 i += 1
 
+    def auto_block_size(self, workers: int, *, largest: int = 1024, smallest: int = 256) -> int:
+        """Big blocks (the halo costs less) but at least two per worker when the scene allows,
+        in multiples of 128 px."""
+        side = math.sqrt(self.height * self.width / max(1, 2 * workers))
+        return int(min(largest, max(smallest, 128 * math.ceil(side / 128))))
+
     def n_blocks(self, size: int) -> int:
         return math.ceil(self.height / size) * math.ceil(self.width / size)

@@ -204,6 +204,23 @@ def _check_roles(bands: dict[str, int], count: int, path: Path) -> dict[str, int
     return bands
 
 
+def _sample_values(ds: rasterio.DatasetReader, band: int, n_side: int = 5,
+                   size: int = 64) -> np.ndarray:
+    """Valid non-zero values of ``band``: the ≤256 px overview when the file has overviews,
+    else ``n_side``² small windows spread over the image (never a full decode)."""
+    if ds.overviews(band) or max(ds.height, ds.width) <= 4 * size * n_side:
+        f = max(1, math.ceil(max(ds.height, ds.width) / 256))
+        parts = [ds.read(band, out_shape=(max(1, ds.height // f), max(1, ds.width // f)),
+                         masked=True)]
+    else:
+        rows = np.linspace(0, ds.height - size, n_side).astype(int)
+        cols = np.linspace(0, ds.width - size, n_side).astype(int)
+        parts = [ds.read(band, window=Window(int(c), int(r), size, size), masked=True)
+                 for r in rows for c in cols]
+    vals = np.concatenate([p.compressed().astype("float64") for p in parts])
+    return vals[np.isfinite(vals) & (vals != 0)]
+
+
 def _scale_for(ds: rasterio.DatasetReader, band: int, *, hint: float | None = None,
                hint_offset: float | None = None, bit_depth: int | None = None,
                ) -> tuple[float, float]:
@@ -212,11 +229,7 @@ def _scale_for(ds: rasterio.DatasetReader, band: int, *, hint: float | None = No
     dtype = np.dtype(ds.dtypes[band - 1])
     if dtype == np.uint8:
         return 1.0 / 255.0, 0.0
-    f = max(1, math.ceil(max(ds.height, ds.width) / 256))
-    thumb = ds.read(band, out_shape=(max(1, ds.height // f), max(1, ds.width // f)),
-                    masked=True).astype("float64")
-    vals = thumb.compressed()
-    vals = vals[np.isfinite(vals) & (vals != 0)]
+    vals = _sample_values(ds, band)
     p99 = float(np.percentile(vals, 99)) if vals.size else 0.0
     if dtype.kind == "f" and p99 <= 255:
         return (1.0, 0.0) if p99 <= 1.5 else (1.0 / 255.0, 0.0)

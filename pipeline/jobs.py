@@ -13,6 +13,7 @@ import platform
 import secrets
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from rasterio.windows import Window
 
 from . import __version__, align, export, ingest, persistence
 from .batch import PairResult, detect_pair
+from .blocks import default_workers
 from .config import PipelineConfig, config_from_dict, load_config
 from .errors import InputError, MissingFileError, OutputExistsError
 from .grid import Grid, norm_crs
@@ -150,7 +152,7 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
         "run_id": run_id, "tool": "tuban", "versions": _versions(),
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         "config": cfg.model_dump(mode="json", by_alias=True, exclude={"base_dir"}),
-        "inputs": _inputs_manifest([sources[i] for i in used], layer_paths),
+
         "grid": {"crs": grid.crs.to_string(), "wkt": grid.crs.to_wkt(),
                  "shape": list(grid.shape), "transform": list(grid.transform)[:6],
                  "resolution_m": grid.res, "bounds": list(grid.bounds)},
@@ -162,11 +164,18 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
         **extra,
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # input checksums (whole files) are hashed in a thread while the blocks are processed
+    hasher = ThreadPoolExecutor(1)
+    inputs = hasher.submit(_inputs_manifest, [sources[i] for i in used], layer_paths)
+    hasher.shutdown(wait=False)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.work-", dir=out_dir.parent) as tmp:
+        block_size = cfg.block_size or grid.auto_block_size(
+            workers or cfg.workers or default_workers())
+
         def detect(a: int, b: int, name: str) -> tuple[PairResult, gpd.GeoDataFrame]:
             res = detect_pair(sources[a], sources[b], grid, rules=rules,
                               detection=cfg.detection, categories=dict(cfg.categories),
-                              block_size=cfg.block_size, change_path=Path(tmp) / name,
+                              block_size=block_size, change_path=Path(tmp) / name,
                               resampling=cfg.align.resampling,
                               workers=workers or cfg.workers, scheduler=scheduler,
                               timings=timings)
@@ -180,6 +189,7 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
             patches = _confirm(patches, {sp: detect(*sp, f"span-{sp[0]}-{sp[1]}.tif")[1]
                                          for sp in spans}, (k, j), sources, cfg, manifest)
         candidates = patches
+        manifest["inputs"] = inputs.result()
         with timings.stage("track"):
             patches = _track(patches, register, run_id,
                              _meta(before, after, grid, run_id)["after_date"] or run_id)

@@ -34,3 +34,12 @@ def test_subgrid_and_shift() -> None:
     assert sub.transform.c == 20.0 and sub.transform.f == 90.0
     s = g.shifted(0.5, -0.25)
     assert s.transform.c == 1.0 and s.transform.f == 100.5
+
+
+def test_auto_block_size() -> None:
+    g = Grid.from_bounds((0, 0, 1024, 1024), 1.0, "EPSG:32650")
+    assert g.auto_block_size(2) == 512  # four blocks for two workers
+    big = Grid.from_bounds((0, 0, 16000, 16000), 1.0, "EPSG:32650")
+    assert big.auto_block_size(2) == 1024
+    small = Grid.from_bounds((0, 0, 200, 200), 1.0, "EPSG:32650")
+    assert small.auto_block_size(8) == 256
