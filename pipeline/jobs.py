@@ -217,6 +217,16 @@ def _confirm(patches: gpd.GeoDataFrame, span_patches: dict[tuple[int, int], gpd.
     return kept.drop(columns=["pair", "first_seen", "seen_periods", "persistence"])
 
 
+def _clear_leftovers(out_dir: Path) -> None:
+    """Remove what a killed attempt at this same run left (work and staging folders)."""
+    parent = out_dir.parent
+    if not parent.is_dir():
+        return
+    for p in [*parent.glob(f".{out_dir.name}.work-*"), *parent.glob(f"{out_dir.name}.partial-*")]:
+        log.info("removing leftovers of an interrupted attempt: %s", p)
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def _track(patches: gpd.GeoDataFrame, register: Path | None, run_id: str,
            run_date: str) -> gpd.GeoDataFrame:
     from . import track
@@ -249,6 +259,7 @@ def run(config: str | Path, *, scheduler: str | None = None, workers: int | None
     after = sources[report[1]]
     run_id = run_id or new_run_id(cfg.name, after.name)
     out_dir = cfg.path(cfg.output.dir) / run_id
+    _clear_leftovers(out_dir)
     if (out_dir / "run.json").exists():
         raise OutputExistsError(f"{out_dir}: run {run_id} already finished; choose another "
                                 "--run-id or delete the folder")

@@ -266,3 +266,25 @@ def test_stage_commands(sample_run: tuple[Path, Path], tmp_path: Path) -> None:
     again = gpd.read_file(first / "patches.gpkg")
     assert sorted(again["patch_id"]) == sorted(before["patch_id"])
     _assert_clean_failure(tuban("track", tmp_path), "run.json")
+
+
+def test_killed_run_leaves_no_output_and_reruns(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    cfg = sample_config(tmp_path)
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(cfg), "--run-id",
+                             "k"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(runs.glob(".k.work-*")):
+        time.sleep(0.01)
+    assert list(runs.glob(".k.work-*")), "the run never started its block stage"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (runs / "k" / "run.json").exists()
+    assert not (runs / "k" / "patches.geojson").exists()
+    res = tuban("run", cfg, "--run-id", "k")
+    assert res.returncode == 0, res.stderr
+    assert (runs / "k" / "run.json").exists()
+    assert not list(runs.glob(".k.work-*")) and not list(runs.glob("k.partial-*"))
