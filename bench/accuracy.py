@@ -8,18 +8,30 @@ change-vector magnitude, Otsu, 3×3 opening, 4-pixel minimum) is scored in the s
 
 Metrics per dataset pool the pixels of its cases: precision, recall, F1, IoU, and object recall
 (a connected label object counts as found when at least 50 % of its labelled pixels are detected).
-Datasets are then macro-averaged. Cases the shipped model was trained on are marked ``*``; the
-honest (held-out, leave-one-dataset-out) figures recorded at training time are printed with them.
+Datasets are then macro-averaged.
 
-Usage::
+Held out through the pipeline (default). The shipped model was trained on every case, so its
+figures here are training-set figures (printed, marked as such). The honest figures come from
+fold models: ``bench/train_detector.py --folds`` (same seeded recipe as the shipped model) trains
+them under two protocols, leave-one-dataset-out (``lodo``, 4 models: the headline, a sensor the
+model never saw) and a 3-fold case split within each dataset with LEVIR crops kept with their
+tiles (``cases``), and each case runs through ``tuban compare`` with the model of the fold that
+did not see it (``TUBAN_MODEL_DIR``). Fold models are cached in ``bench/.cache/folds/`` under a
+key of the training recipe (``train_detector.py`` and ``features.py`` sources, seed) and the case
+list; a rerun with the same key only runs the comparisons. Run it under the CPU lock::
 
-    python bench/accuracy.py [--cases DIR] [--direct] [--json PATH] [--only levir,oscd]
+    flock /tmp/tuban-cpu.lock .venv/bin/python bench/accuracy.py [--cases DIR] [--only levir]
+        [--protocols lodo,cases] [--no-train-set] [--direct] [--json PATH]
+
+``--direct`` calls the shipped learned detector on arrays instead (training-set figures only).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,6 +49,11 @@ from scipy import ndimage as ndi
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CASES = ROOT.parent / "shared" / "data" / "cases"
 OBJECT_COVER = 0.5
+FOLD_CACHE = ROOT / "bench" / ".cache" / "folds"
+PROTOCOLS = ("lodo", "cases")
+#: the headline protocol of the held-out table
+HEADLINE = "lodo"
+SEED = 0
 
 
 @dataclass
@@ -144,13 +161,17 @@ def rasterize_patches(geojson: Path, label_path: Path) -> np.ndarray:
                      dtype="uint8").astype(bool)
 
 
-def run_compare(case_dir: Path, workdir: Path) -> np.ndarray:
-    """Run ``tuban compare`` on a case and return its patches on the label grid."""
+def run_compare(case_dir: Path, workdir: Path, model_dir: Path | None = None) -> np.ndarray:
+    """Run ``tuban compare`` on a case (with the models in ``model_dir``, default the shipped
+    ones) and return its patches on the label grid."""
     out = workdir / case_dir.parent.name / case_dir.name
     exe = Path(sys.executable).with_name("tuban")
     cmd = [str(exe) if exe.exists() else "tuban", "compare", str(case_dir / "before.tif"),
            str(case_dir / "after.tif"), "-o", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "TUBAN_MODEL_DIR"}
+    if model_dir is not None:
+        env["TUBAN_MODEL_DIR"] = str(model_dir)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()[-500:]}")
     return rasterize_patches(out / "patches.geojson", case_dir / "label.tif")
@@ -165,12 +186,61 @@ def direct_detect(case: Case) -> np.ndarray:
     return decide(out["change"], case.valid, case.res_m)
 
 
-def _table(rows: dict[str, dict[str, float]], title: str) -> str:
-    lines = [title, f"{'dataset':<10} {'P':>6} {'R':>6} {'F1':>6} {'IoU':>6} {'objR':>6}"]
+def _table(rows: dict[str, dict[str, float]], title: str,
+           ref: dict[str, dict[str, float]] | None = None) -> str:
+    head = f"{'dataset':<10} {'P':>6} {'R':>6} {'F1':>6} {'IoU':>6} {'objR':>6}"
+    lines = [title, head + (f" {'refF1':>6}" if ref else "")]
     for ds, s in rows.items():
-        lines.append(f"{ds:<10} {s['precision']:6.3f} {s['recall']:6.3f} {s['f1']:6.3f} "
-                     f"{s['iou']:6.3f} {s['object_recall']:6.3f}")
+        line = (f"{ds:<10} {s['precision']:6.3f} {s['recall']:6.3f} {s['f1']:6.3f} "
+                f"{s['iou']:6.3f} {s['object_recall']:6.3f}")
+        if ref and ds in ref:
+            line += f" {ref[ds]['f1']:6.3f}"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def recipe_key(case_dirs: list[Path], seed: int = SEED) -> str:
+    """Hash of the training recipe (trainer and feature sources, seed) and the case list."""
+    h = hashlib.sha256()
+    for f in (ROOT / "bench" / "train_detector.py", ROOT / "pipeline" / "detect" / "features.py"):
+        h.update(f.read_bytes())
+    h.update(f"seed={seed};sets=rgb;".encode())
+    h.update("\n".join(f"{p.parent.name}/{p.name}" for p in case_dirs).encode())
+    return h.hexdigest()[:16]
+
+
+def fold_models(cases_root: Path, cache: Path = FOLD_CACHE,
+                protocols: tuple[str, ...] = PROTOCOLS) -> dict[str, dict[str, Path]]:
+    """``{protocol: {"<dataset>/<case>": model folder that did not see it}}``, training the fold
+    models with ``bench/train_detector.py --folds`` when the cache lacks them for this key."""
+    all_dirs = iter_case_dirs(cases_root)
+    key = recipe_key(all_dirs)
+    stamp = cache / "recipe.json"
+    try:
+        ok = json.loads(stamp.read_text()).get("key") == key
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        print(f"training fold models (recipe {key}) into {cache} ...", flush=True)
+        stamp.unlink(missing_ok=True)
+        for proto in PROTOCOLS:
+            for old in (cache / proto).glob("*/learned_*"):
+                old.unlink()
+        cache.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(ROOT / "bench" / "train_detector.py"), "--cases",
+               str(cases_root), "--sets", "rgb", "--seed", str(SEED),
+               "--out", str(cache / "full"), "--folds", str(cache)]
+        with open(cache / "train.log", "w") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
+                           env={**os.environ, "OMP_NUM_THREADS": "2"})
+        stamp.write_text(json.dumps({"key": key, "cases": str(cases_root)}))
+    out: dict[str, dict[str, Path]] = {}
+    for proto in protocols:
+        m = out.setdefault(proto, {})
+        for js in sorted((cache / proto).glob("*/learned_rgb.json")):
+            for c in json.loads(js.read_text())["test_cases"]:
+                m[c] = js.parent
+    return out
 
 
 def macro(rows: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -199,89 +269,93 @@ def _auto_detector(roles: tuple[str, ...], res_m: float) -> str:
     return f"learned_{kind}" if kind else "spectral"
 
 
-def _honest(models: dict[str, dict], picked: dict[str, str],
-            rows: dict[str, dict[str, float]]) -> tuple[dict, dict]:
-    """Held-out rows per dataset from the model ``auto`` uses for it (spectral: as measured)."""
-    lodo, cases = {}, {}
-    keys = ("precision", "recall", "f1", "iou", "object_recall")
-    for d, det in picked.items():
-        if det == "spectral":
-            lodo[d] = cases[d] = {k: rows[d][k] for k in keys}
-            continue
-        meta = models.get(det.removeprefix("learned_"), {})
-        for dst, src in ((lodo, "held_out"), (cases, "held_out_cases")):
-            r = meta.get(src, {}).get(d)
-            if r:
-                dst[d] = {k: float(r[k]) for k in keys}
-    for t in (lodo, cases):
-        if t:
-            t["macro"] = macro(t)
-    return lodo, cases
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=Path, default=DEFAULT_CASES)
     ap.add_argument("--direct", action="store_true",
-                    help="call the learned detector on arrays instead of `tuban compare`")
+                    help="call the shipped learned detector on arrays (training-set figures)")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "accuracy.json")
     ap.add_argument("--only", help="comma-separated datasets")
+    ap.add_argument("--protocols", default=",".join(PROTOCOLS),
+                    help="held-out protocols to run through `tuban compare` ('' = none)")
+    ap.add_argument("--no-train-set", action="store_true",
+                    help="skip the shipped model's (training-set) run")
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     dirs = iter_case_dirs(args.cases, only)
     if not dirs:
         print(f"no cases under {args.cases}", file=sys.stderr)
         return 2
+    protocols = () if args.direct else tuple(p for p in args.protocols.split(",") if p)
+    folds = fold_models(args.cases, protocols=protocols) if protocols else {}
+    runs = ([] if args.no_train_set and protocols else ["train-set"]) + list(protocols)
     models = _shipped_models()
     picked: dict[str, str] = {}  # dataset -> detector `auto` uses for its bands and pixel size
-    acc: dict[str, dict[str, float]] = {}
+    acc: dict[str, dict[str, dict[str, float]]] = {r: {} for r in runs}
     ref: dict[str, dict[str, float]] = {}
     per_case = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tuban-acc-") as tmp:
         for d in dirs:
             case = load_case(d)
-            picked.setdefault(case.dataset, _auto_detector(case.roles, case.res_m))
-            t = time.perf_counter()
-            pred = direct_detect(case) if args.direct else run_compare(d, Path(tmp))
-            dt = time.perf_counter() - t
-            c, rc = counts(pred, case.label), counts(reference_detect(
-                case.before, case.after, case.valid), case.label)
-            _add(acc.setdefault(case.dataset, {}), c)
-            _add(ref.setdefault(case.dataset, {}), rc)
             key = f"{case.dataset}/{case.name}"
-            used = models.get(picked[case.dataset].removeprefix("learned_"), {})
-            mark = "*" if key in used.get("training_cases", []) else " "
-            s, rs = scores(c), scores(rc)
-            per_case.append({"case": key, "trained_on": mark == "*", "seconds": dt,
-                             **s, "reference_f1": rs["f1"]})
-            print(f"{mark}{key:<32} F1 {s['f1']:.3f} P {s['precision']:.3f} "
-                  f"R {s['recall']:.3f}  ref F1 {rs['f1']:.3f}  {dt:5.1f}s", flush=True)
-    rows = {ds: scores(c) for ds, c in acc.items()}
+            picked.setdefault(case.dataset, _auto_detector(case.roles, case.res_m))
+            rc = counts(reference_detect(case.before, case.after, case.valid), case.label)
+            _add(ref.setdefault(case.dataset, {}), rc)
+            row: dict = {"case": key, "reference_f1": scores(rc)["f1"]}
+            line = f"{key:<32} ref F1 {row['reference_f1']:.3f}"
+            for r in runs:
+                t = time.perf_counter()
+                if r == "train-set":
+                    pred = direct_detect(case) if args.direct else run_compare(d, Path(tmp))
+                else:
+                    mdir = folds[r].get(key)
+                    if mdir is None:
+                        raise RuntimeError(f"no {r} fold model held {key} out: retrain folds")
+                    pred = run_compare(d, Path(tmp) / r, mdir)
+                dt = time.perf_counter() - t
+                c = counts(pred, case.label)
+                _add(acc[r].setdefault(case.dataset, {}), c)
+                s = scores(c)
+                row[r] = {**s, "seconds": dt}
+                line += f" | {r} F1 {s['f1']:.3f} P {s['precision']:.3f} {dt:4.1f}s"
+            per_case.append(row)
+            print(line, flush=True)
     ref_rows = {ds: scores(c) for ds, c in ref.items()}
-    rows["macro"], ref_rows["macro"] = macro(rows), macro(ref_rows)
-    print()
-    print(_table(rows, "tuban" + (" (direct)" if args.direct else " compare")
-                 + "   * = case in the training set of the model used (NOT held out)"))
-    print()
-    print(_table(ref_rows, "reference (change vector + Otsu)"))
-    held_out, held_cases = _honest(models, picked, rows)
+    ref_rows["macro"] = macro(ref_rows)
+    tables = {}
+    for r in runs:
+        rows = {ds: scores(c) for ds, c in acc[r].items()}
+        rows["macro"] = macro(rows)
+        tables[r] = rows
+    titles = {
+        "lodo": "HELD OUT through `tuban compare`, leave-one-dataset-out (4 fold models; "
+                "HEADLINE)",
+        "cases": "HELD OUT through `tuban compare`, 3-fold case split within each dataset, "
+                 "LEVIR crops with their tiles",
+        "train-set": "TRAINING SET (NOT held out): shipped model, "
+                     + ("direct on arrays" if args.direct else "`tuban compare`")
+                     + ", every case was in its training set",
+    }
     print()
     print("detector used by `auto`: " + ", ".join(f"{d}: {k}" for d, k in picked.items()))
+    order = [HEADLINE] + [p for p in protocols if p != HEADLINE] + ["train-set"]
+    for r in dict.fromkeys(order):
+        if r in tables:
+            print()
+            print(_table(tables[r], titles.get(r, r), ref_rows))
     print()
-    print(_table(held_out, "HELD OUT, leave-one-dataset-out (from training): the honest figures "
-                           "for unseen sensors (spectral rows: untrained, as measured above)"))
-    print()
-    print(_table(held_cases, "HELD OUT, 3-fold split by case within each dataset, LEVIR crops "
-                             "with their tiles (from training)"))
+    print(_table(ref_rows, "reference (change vector + Otsu)"))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "mode": "direct" if args.direct else "compare", "cases": str(args.cases),
         "object_cover": OBJECT_COVER, "seconds": time.perf_counter() - t0,
-        "datasets": rows, "reference": ref_rows, "detector": picked,
-        "held_out_lodo": held_out, "held_out_cases": held_cases,
-        "trained_on_note": "datasets/rows above include cases the shipped models were trained "
-                           "on (marked trained_on); report held_out_* as the result",
+        "headline": HEADLINE if HEADLINE in tables else None,
+        "held_out": {p: tables[p] for p in protocols},
+        "training_set": tables.get("train-set"), "reference": ref_rows, "detector": picked,
+        "models_at_training": {k: {"held_out_lodo_pixel_cv": m.get("held_out"),
+                                   "held_out_cases_pixel_cv": m.get("held_out_cases")}
+                               for k, m in models.items()},
         "per_case": per_case}, indent=1))
     return 0
 

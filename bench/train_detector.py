@@ -19,6 +19,12 @@ contributing their RGB features and NIR features missing) it
 4. trains the final model on every case and writes ``<out>/learned_<set>.txt`` (LightGBM text
    model) and ``learned_<set>.json`` (features, cases, calibration, held-out figures, lineage).
 
+With ``--folds DIR`` every fold model of step 2 is saved too, as a loadable model folder
+``DIR/<protocol>/<fold>/learned_<set>.{txt,json}`` whose JSON lists its ``test_cases`` and whose
+decision thresholds are chosen exactly as in :func:`held_out_rows` (never on its test cases).
+``bench/accuracy.py`` runs ``tuban compare`` on each case with the fold model that did not see it
+(``TUBAN_MODEL_DIR``): the held-out figures *through the pipeline*.
+
 The ``ms`` (RGB+NIR) set trains too, but is not shipped: held out it scored below the RGB model
 (OSCD leave-one-dataset-out F1 0.36 vs 0.49; case split 0.61 vs 0.61-0.63), so RGB+NIR imagery
 at decametric pixels uses the RGB model (see ``pipeline.detect.learned.RGB_FOR_NIR_MIN_RES_M``).
@@ -138,14 +144,25 @@ def case_folds(cases: list[Case], eval_sets: set[str],
             for k in range(N_FOLDS)]
 
 
+#: F-beta used to choose decision thresholds (0.7: precision weighs about twice recall)
+BETA = 0.7
+
+
+def fbeta(p: float, r: float, beta: float = BETA) -> float:
+    b2 = beta * beta
+    return (1 + b2) * p * r / (b2 * p + r) if p + r > 0 else 0.0
+
+
 def best_threshold(scored: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, float]],
                    grid: np.ndarray) -> tuple[float, dict[str, dict[str, float]]]:
-    """Raw-score threshold maximising macro F1 over datasets (after the decision clean-up)."""
+    """Raw-score threshold maximising the mean F-beta over datasets (after the decision
+    clean-up); beta = BETA < 1 weighs precision more: field teams cannot visit mostly-false
+    patches."""
     best, best_rows = float(grid[0]), {}
     best_f = -1.0
     for t in grid:
         rows = _rows(scored, float(t))
-        f = macro(rows)["f1"]
+        f = float(np.mean([fbeta(r["precision"], r["recall"]) for r in rows.values()]))
         if f > best_f:
             best, best_f, best_rows = float(t), f, rows
     return best, best_rows
@@ -160,6 +177,17 @@ def _rows(scored: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, float]],
         for k, v in c.items():
             a[k] = a.get(k, 0.0) + v
     return {ds: scores(c) for ds, c in acc.items()}
+
+
+def fold_thresholds(scored: list, fold_of: list[str], fname: str) -> dict[str, float]:
+    """Decision threshold per resolution class for fold ``fname``'s model, chosen (macro F1) on
+    the out-of-fold scores of the *other* folds of that class (else of all other folds)."""
+    rest = [s for s, f in zip(scored, fold_of, strict=True) if f != fname]
+    out = {}
+    for cls in RES_CLASSES:
+        pool = [s for s in rest if res_class(s[4]) == cls] or rest
+        out[str(cls)] = best_threshold(pool, GRID)[0]
+    return out
 
 
 def held_out_rows(proto: str, scored: list, fold_of: list[str],
@@ -207,7 +235,8 @@ def platt(raw: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
     return float(lr.coef_[0, 0])
 
 
-def run(kind: str, cases: list[Case], out: Path, seed: int, dump: Path | None = None) -> dict:
+def run(kind: str, cases: list[Case], out: Path, seed: int, dump: Path | None = None,
+        folds_dir: Path | None = None) -> dict:
     names = _names(kind)
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
@@ -237,9 +266,11 @@ def run(kind: str, cases: list[Case], out: Path, seed: int, dump: Path | None = 
     slope = 1.0
     for proto, folds in protocols.items():
         scored, oof, fold_of = [], [], []
+        fold_models: dict[str, tuple[lgb.Booster, list[int]]] = {}
         for fname, test in folds:
             m = ~np.isin(case_ids, test)
             booster = train(x[m], y[m], w[m], names, seed)
+            fold_models[fname] = (booster, test)
             for i in test:
                 c, st = use[i], stacks[i]
                 raw = predict_map(booster, st, c.valid, c.res_m)
@@ -252,6 +283,14 @@ def run(kind: str, cases: list[Case], out: Path, seed: int, dump: Path | None = 
             np.savez_compressed(dump / f"oof_{kind}_{proto}.npz", **{
                 f"{i}|{d}|{res}": np.stack([raw, label.astype(float), valid.astype(float)])
                 for i, (d, raw, label, valid, res) in enumerate(scored)})
+        if folds_dir is not None:
+            for i, (fname, (booster, test)) in enumerate(fold_models.items()):
+                other = [o for j, o in enumerate(oof) if j != i]
+                save_fold(folds_dir / proto / fname, kind, booster, names,
+                          fold_thresholds(scored, fold_of, fname),
+                          platt(*(np.concatenate(v) for v in zip(*other, strict=True))),
+                          [use[k] for k in test], [c for k, c in enumerate(use) if k not in test],
+                          proto, seed)
         t_all, rows_all = best_threshold(scored, GRID)
         rows = held_out_rows(proto, scored, fold_of, eval_sets)
         held[proto] = rows
@@ -304,6 +343,26 @@ def run(kind: str, cases: list[Case], out: Path, seed: int, dump: Path | None = 
     return meta
 
 
+def save_fold(d: Path, kind: str, booster: lgb.Booster, names: list[str],
+              thresholds: dict[str, float], slope: float, test: list[Case], train_cases: list[Case],
+              proto: str, seed: int) -> None:
+    """Write a fold model as a model folder the learned detector can load."""
+    d.mkdir(parents=True, exist_ok=True)
+    booster.save_model(str(d / f"learned_{kind}.txt"))
+    meta = {
+        "name": f"learned_{kind}", "model": f"learned_{kind}.txt", "format": "lightgbm-text",
+        "feature_set": kind, "features": names, "res_range_m": list(RES_RANGE[kind]),
+        "calibration": {"method": "platt-prior-shift", "threshold_raw_by_max_res_m": thresholds,
+                        "slope": slope,
+                        "note": "thresholds and slope from the other folds' out-of-fold scores"},
+        "protocol": proto, "test_cases": [f"{c.dataset}/{c.path.name}" for c in test],
+        "training_cases": [f"{c.dataset}/{c.path.name}" for c in train_cases],
+        "params": {**PARAMS, "num_boost_round": N_ROUNDS, "per_class": PER_CLASS, "seed": seed},
+        "licence": "weights derived from research-only datasets (LEVIR-CD, OSCD)",
+    }
+    (d / f"learned_{kind}.json").write_text(json.dumps(meta, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=Path, default=DEFAULT_CASES)
@@ -312,10 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sets", default="rgb,ms")
     ap.add_argument("--dump", type=Path, help="save out-of-fold score maps here (npz)")
+    ap.add_argument("--folds", type=Path,
+                    help="also save every fold model as DIR/<protocol>/<fold>/ (see above)")
     args = ap.parse_args(argv)
     cases = [load_case(p) for p in iter_case_dirs(args.cases)]
     for kind in args.sets.split(","):
-        run(kind, cases, args.out, args.seed, args.dump)
+        run(kind, cases, args.out, args.seed, args.dump, args.folds)
     return 0
 
 

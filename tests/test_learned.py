@@ -119,3 +119,25 @@ def test_real_levir_crop_beats_reference() -> None:
     ref = scores(counts(reference_detect(case.before, case.after, case.valid),
                         case.label))["f1"]
     assert f1 > ref
+
+
+@needs_lgb
+def test_model_dir_env_selects_models(tmp_path, monkeypatch) -> None:
+    """``TUBAN_MODEL_DIR`` (held-out fold models in bench/accuracy.py) is honoured at call time."""
+    import shutil
+
+    from pipeline.detect import learned
+
+    txt, js = learned.model_paths("rgb")
+    assert learned.resolve_model_dir() == learned.MODEL_DIR
+    shutil.copy(txt, tmp_path / txt.name)
+    meta = json.loads(js.read_text())
+    meta["calibration"]["threshold_raw_by_max_res_m"] = {"1000000000.0": 0.123}
+    (tmp_path / js.name).write_text(json.dumps(meta))
+    monkeypatch.setenv(learned.MODEL_DIR_ENV, str(tmp_path))
+    assert learned.resolve_model_dir() == tmp_path
+    assert learned.model_paths("rgb")[0] == tmp_path / txt.name
+    assert learned.load_model("rgb").threshold_raw(0.5) == pytest.approx(0.123)
+    assert learned.LearnedDetector(("red", "green", "blue"), 0.5).model_dir == tmp_path
+    monkeypatch.delenv(learned.MODEL_DIR_ENV)
+    assert learned.load_model("rgb").threshold_raw(30.0) != pytest.approx(0.123)

@@ -68,3 +68,11 @@ def test_learned_output_carries_evidence() -> None:
     assert not {"shape_score", "ratio_spread"} & set(out)
     assert out["change"].dtype == np.float32 and out["change"].shape == (48, 48)
     assert det.halo >= SpectralDetector(10.0).halo
+
+
+def test_model_dir_env_without_models_falls_back(tmp_path, monkeypatch) -> None:
+    """``TUBAN_MODEL_DIR`` replaces the shipped models: an empty folder means no learned model."""
+    monkeypatch.setenv("TUBAN_MODEL_DIR", str(tmp_path))
+    assert isinstance(get_detector("auto", RGB, 1.0), SpectralDetector)
+    with pytest.raises(ConfigError, match="no model"):
+        get_detector("learned", RGB, 1.0)

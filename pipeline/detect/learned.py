@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -20,7 +21,11 @@ from scipy import ndimage as ndi
 
 from . import features as F
 
+#: the shipped models
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models"
+#: environment variable naming another model folder (e.g. a held-out fold's models in
+#: ``bench/accuracy.py``); unset or empty: :data:`MODEL_DIR`
+MODEL_DIR_ENV = "TUBAN_MODEL_DIR"
 #: smallest change object kept by :func:`decide`, in m² (at least ``MIN_OBJECT_PX`` pixels)
 MIN_OBJECT_M2 = 20.0
 MIN_OBJECT_PX = 3
@@ -69,9 +74,19 @@ def calibrate(raw: np.ndarray, threshold_raw: float, slope: float) -> np.ndarray
     return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
 
-def model_paths(kind: str, model_dir: Path = MODEL_DIR) -> tuple[Path, Path]:
-    """Model text file and JSON sidecar for a feature set."""
-    return model_dir / f"learned_{kind}.txt", model_dir / f"learned_{kind}.json"
+def resolve_model_dir(override: Path | str | None = None) -> Path:
+    """The model folder: ``override``, else ``$TUBAN_MODEL_DIR``, else :data:`MODEL_DIR`."""
+    if override is not None:
+        return Path(override)
+    env = os.environ.get(MODEL_DIR_ENV, "").strip()
+    return Path(env) if env else MODEL_DIR
+
+
+def model_paths(kind: str, model_dir: Path | None = None) -> tuple[Path, Path]:
+    """Model text file and JSON sidecar of a feature set (in :func:`resolve_model_dir`)."""
+    d = resolve_model_dir(model_dir)
+    return d / f"learned_{kind}.txt", d / f"learned_{kind}.json"
+
 
 
 #: ``method: auto`` on RGB+NIR imagery without an RGB+NIR model: the RGB model (NIR ignored)
@@ -92,7 +107,7 @@ def _res_range(kind: str, model_dir: Path) -> tuple[float, float]:
         return 0.0, math.inf
 
 
-def _kind_for(roles: tuple[str, ...], model_dir: Path, res_m: float | None = None,
+def _kind_for(roles: tuple[str, ...], model_dir: Path | None, res_m: float | None = None,
               exact: bool = False) -> str | None:
     """Model feature set for these bands and pixel size, or None.
 
@@ -101,6 +116,7 @@ def _kind_for(roles: tuple[str, ...], model_dir: Path, res_m: float | None = Non
     :data:`RGB_FOR_NIR_MIN_RES_M` up, the RGB model; otherwise an RGB+NIR image may fall back to
     the RGB model (its NIR ignored) at any pixel size.
     """
+    model_dir = resolve_model_dir(model_dir)
     try:
         kind = F.feature_set(roles)
     except ValueError:
@@ -123,7 +139,7 @@ def _kind_for(roles: tuple[str, ...], model_dir: Path, res_m: float | None = Non
 
 
 def has_model(roles: Sequence[str], res_m: float | None = None,
-              model_dir: Path = MODEL_DIR, exact: bool = False) -> bool:
+              model_dir: Path | None = None, exact: bool = False) -> bool:
     """True when a model for these band roles ships (red, green and blue are needed).
 
     ``exact`` (what ``method: auto`` uses): only a model made for exactly this feature set and
@@ -132,9 +148,13 @@ def has_model(roles: Sequence[str], res_m: float | None = None,
     return _kind_for(tuple(roles), model_dir, res_m, exact) is not None
 
 
-@lru_cache(maxsize=4)
-def load_model(kind: str, model_dir: Path = MODEL_DIR) -> Model:
-    """Load (once) the LightGBM model of a feature set."""
+def load_model(kind: str, model_dir: Path | None = None) -> Model:
+    """Load (once per folder) the LightGBM model of a feature set."""
+    return _load_model(kind, resolve_model_dir(model_dir))
+
+
+@lru_cache(maxsize=8)
+def _load_model(kind: str, model_dir: Path) -> Model:
     import lightgbm as lgb
 
     txt, js = model_paths(kind, model_dir)
@@ -232,14 +252,15 @@ class LearnedDetector:
         stretch: optional whole-image ``(before, after)`` 2–98 % stretch parameters from
             :func:`pipeline.detect.features.stretch_params` (roles order); default: per block.
         threads: LightGBM prediction threads.
-        model_dir: where the models are.
+        model_dir: where the models are (default: :func:`resolve_model_dir`, i.e.
+            ``$TUBAN_MODEL_DIR`` or the shipped :data:`MODEL_DIR`).
         exact: use only a model for these bands and pixel size (RGB+NIR imagery: the RGB model
             only from :data:`RGB_FOR_NIR_MIN_RES_M` up); what ``method: auto`` asks for.
     """
 
     def __init__(self, roles: Sequence[str] | None = None, res_m: float | None = None, *,
                  stretch: tuple[np.ndarray, np.ndarray] | None = None, threads: int = 2,
-                 model_dir: Path = MODEL_DIR, exact: bool = False) -> None:
+                 model_dir: Path | None = None, exact: bool = False) -> None:
         r = 0.1 if res_m is None else float(res_m)
         #: context pixels each side: the feature neighbourhoods plus object context for classify
         self.halo = max(F.halo_px(r), min(MAX_CONTEXT_PX, math.ceil(CONTEXT_M / r)))
@@ -248,6 +269,7 @@ class LearnedDetector:
                                     f"{model_dir}; use the spectral detector")
         self.stretch = stretch
         self.threads = threads
+        model_dir = resolve_model_dir(model_dir)
         self.model_dir = model_dir
         self.exact = exact
 
