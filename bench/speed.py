@@ -370,7 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dask", action="store_true",
                     help="also time 1 vs 2 local Dask workers on the 8000² pair")
     ap.add_argument("--out", type=Path, default=OUT / "speed.json")
+    ap.add_argument("--summary", type=Path, default=None,
+                    help="only print the README table of a speed.json written earlier")
     args = ap.parse_args(argv)
+    if args.summary is not None:
+        rep = json.loads(args.summary.read_text())
+        print(summary_markdown(rep, rep.get("table", [])))
+        return 0
 
     tmp = Path(tempfile.mkdtemp(prefix="tuban-bench-cfg-"))
     spectral_cfg = _config(tmp, method="spectral")
@@ -425,8 +431,51 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dask 8000²: 1 worker {d['workers_1']['wall_s']} s, 2 workers "
               f"{d['workers_2']['wall_s']} s, speedup {d['speedup_2_vs_1']} (detect stage "
               f"{d['detect_speedup_2_vs_1']})")
+    print()
+    print(summary_markdown(report, rows))
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def summary_markdown(report: dict[str, Any], rows: list[dict]) -> str:
+    """The README table: one row per size and command, then memory scaling, the 100k-change
+    scene and the Dask speed-up (with the issue's targets)."""
+    out = ["| size | what | wall s | Mpx/s | peak RSS MiB | peak PSS MiB | × floor | × OTB |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['size']}² | {r['what']} | {r['wall_s']} | {r['mpx_s']} | "
+                   f"{r['peak_rss_mib']} | {r.get('peak_pss_mib', '')} | "
+                   f"{r.get('x_floor', '')} | {r.get('x_otb', '')} |")
+    out.append("")
+    tub = {r["size"]: r for r in rows if r["what"] == "tuban"}
+    if tub:
+        lo = min(tub)
+        t = tub[lo]
+        out.append(f"- {lo}²: tuban/floor {t.get('x_floor')} (target ≤ 3), tuban/OTB "
+                   f"{t.get('x_otb')} (target ≤ 0.5)")
+        hi = max(tub)
+        out.append(f"- peak PSS at {hi}²: {tub[hi].get('peak_pss_mib')} MiB, RSS "
+                   f"{tub[hi]['peak_rss_mib']} MiB (target < 1024)")
+    for key in ("memory_ratio_peak_rss_mib_largest_vs_smallest",
+                "memory_ratio_peak_pss_mib_largest_vs_smallest"):
+        if key in report:
+            out.append(f"- {key.replace('_', ' ')}: {report[key]} (target ≤ 1.3)")
+    if "many_changes" in report:
+        m = report["many_changes"]["tuban_spectral_no_evidence"]
+        out.append(f"- 4000² with {report['many_changes']['n_planted']} planted changes: "
+                   f"{m['wall_s']} s, {m.get('patches')} patches, peak PSS "
+                   f"{m.get('peak_pss_mib')} MiB, stages {m.get('stages_s')}")
+    if "dask_8000" in report:
+        d = report["dask_8000"]
+        out.append(f"- Dask 8000² (LocalCluster, 1 thread/worker): 1 worker "
+                   f"{d['workers_1']['wall_s']} s, 2 workers {d['workers_2']['wall_s']} s, "
+                   f"speed-up {d['speedup_2_vs_1']} (detect stage "
+                   f"{d['detect_speedup_2_vs_1']}; target ≥ 1.6)")
+    load = report.get("machine", {}).get("load_avg")
+    if load:
+        out.append(f"- machine: {report['machine'].get('cpus')} CPUs, load average at start "
+                   f"{[round(x, 2) for x in load]}")
+    return "\n".join(out)
 
 
 def _write(path: Path, report: dict[str, Any], rows: list[dict]) -> None:

@@ -85,6 +85,7 @@ def process_block(job: BlockJob, block: Block) -> BlockResult:
     roles = job.params.roles
     det = _detector(job.detection.method, roles, res)
     evidence = det(before, after, valid, roles, res)
+    del before, after  # the block's imagery is not needed past the detector
     outer_grid = job.grid.subgrid(block.outer)
     masks = classify.rasterize_rules(_rules_for(job.rules, outer_grid), outer_grid)
     core = block.inner_slices

@@ -414,21 +414,33 @@ def _write_all_evidence(patches: gpd.GeoDataFrame, folder: Path, before: ChipRea
                         after: ChipReader, *, min_size_m: float, panel_px: int) -> list[Any]:
     """Evidence for every violation patch (the ones field teams visit); returns the relative
     paths (None for other_change and where a chip failed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     rel: list[Any] = []
-    for rec in patches.to_dict("records"):
-        pid = str(rec["patch_id"])
-        if rec["category"] not in VIOLATIONS:
-            rel.append(None)
-            continue
-        b = chip_bounds(rec["geometry"], min_size_m=min_size_m)
-        try:
-            chips = before(b), after(b)
-        except (TubanError, OSError, ValueError) as err:
-            warnings.warn(f"{pid}: no evidence chip ({err})", TubanWarning, stacklevel=2)
-            rel.append(None)
-            continue
-        write_evidence(rec, *chips, folder / f"{pid}.png", bounds=b, panel_px=panel_px)
-        rel.append(f"evidence/{pid}.png")
+    # chips are read here, in order (the readers share open datasets, not thread-safe);
+    # drawing and PNG encoding (Pillow releases the GIL) run in two threads, at most a few
+    # chips ahead so memory stays small
+    with ThreadPoolExecutor(2) as pool:
+        pending: list[Any] = []
+        for rec in patches.to_dict("records"):
+            pid = str(rec["patch_id"])
+            if rec["category"] not in VIOLATIONS:
+                rel.append(None)
+                continue
+            b = chip_bounds(rec["geometry"], min_size_m=min_size_m)
+            try:
+                chips = before(b), after(b)
+            except (TubanError, OSError, ValueError) as err:
+                warnings.warn(f"{pid}: no evidence chip ({err})", TubanWarning, stacklevel=2)
+                rel.append(None)
+                continue
+            pending.append(pool.submit(write_evidence, rec, *chips, folder / f"{pid}.png",
+                                       bounds=b, panel_px=panel_px))
+            if len(pending) >= 8:
+                pending.pop(0).result()
+            rel.append(f"evidence/{pid}.png")
+        for f in pending:
+            f.result()
     return rel
 
 

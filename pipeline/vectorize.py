@@ -51,24 +51,31 @@ def block_polygons(category: np.ndarray, window: Window, grid_shape: tuple[int, 
     n = int(labels.max())
     if n == 0:
         return out
-    flat = labels.ravel()
+    # only the labelled pixels (changed objects are a small share of a block)
+    idx = np.flatnonzero(labels)
+    flat = labels.ravel()[idx]
     pixels = np.bincount(flat, minlength=n + 1)
     codes = np.zeros(n + 1, np.uint8)
-    codes[flat] = cat.ravel()
+    codes[flat] = cat.ravel()[idx]
     for name in STAT_LAYERS:
         layer = None if evidence is None else evidence.get(name)
         if layer is None:
             s, c = np.zeros(n + 1), np.zeros(n + 1, np.int64)
         else:
-            v = layer.ravel().astype(np.float64)
+            v = layer.ravel()[idx].astype(np.float64)
             ok = np.isfinite(v)
             s = np.bincount(flat[ok], weights=v[ok], minlength=n + 1)
             c = np.bincount(flat[ok], minlength=n + 1)
         out.sums[name] = s[1:].tolist()
         out.counts[name] = c[1:].tolist()
     geoms: list[shapely.Polygon | None] = [None] * n
-    to_global = Affine.translation(window.col_off, window.row_off)
-    for geom, value in features.shapes(labels, mask=labels > 0, connectivity=4,
+    # polygonize only the bounding box of the objects
+    rows = np.flatnonzero(np.bincount(idx // labels.shape[1], minlength=labels.shape[0]))
+    cols = np.flatnonzero(np.bincount(idx % labels.shape[1], minlength=labels.shape[1]))
+    br0, br1, bc0, bc1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    sub = np.ascontiguousarray(labels[br0:br1, bc0:bc1])
+    to_global = Affine.translation(window.col_off + bc0, window.row_off + br0)
+    for geom, value in features.shapes(sub, mask=sub > 0, connectivity=4,
                                        transform=to_global):
         geoms[int(value) - 1] = shapely.geometry.shape(geom)
     r0, c0 = int(window.row_off), int(window.col_off)

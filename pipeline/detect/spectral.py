@@ -51,6 +51,12 @@ RATIO_EPS = 0.003
 #: beyond which a flat change counts anyway (see ``_illumination_weight``)
 ILLUM_SPREAD = 0.25
 ILLUM_MAX_DARKEN, ILLUM_MAX_BRIGHTEN = 3.0, 1.6
+#: the exact score is computed only where a cheap upper bound of ``change`` reaches this
+#: (far below classify's grow threshold, 0.4); elsewhere ``change`` and ``score`` are that
+#: bound and ``shape_score`` / ``ratio_spread`` are NaN (not evaluated: no change there).
+#: Evaluated in tiles of SPARSE_TILE px, all tiles of a block in one stacked pass.
+SPARSE_CUT = 0.1
+SPARSE_TILE = 32
 #: object context (metres) that the classifier needs around a block, capped in pixels
 CONTEXT_M = 48.0
 MAX_CONTEXT_PX = 64
@@ -78,7 +84,8 @@ def _smooth_sigma_px(res_m: float) -> float:
 
 def _gauss(x: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian (``truncate=3``, ``mode="nearest"``) of a float32 array."""
-    return ndi.gaussian_filter(x, sigma, mode="nearest", truncate=3.0, output=np.float32)
+    return ndi.gaussian_filter(x, sigma, mode="nearest", truncate=3.0, output=np.float32,
+                               axes=(-2, -1))
 
 
 class _Smoother:
@@ -87,9 +94,9 @@ class _Smoother:
     ``all_valid`` skips the masking and the division (the weights are 1 up to rounding).
     """
 
-    def __init__(self, valid: np.ndarray, sigma: float) -> None:
+    def __init__(self, valid: np.ndarray, sigma: float, all_valid: bool | None = None) -> None:
         self.valid, self.sigma = valid, sigma
-        self.all_valid = bool(valid.all())
+        self.all_valid = bool(valid.all()) if all_valid is None else all_valid
         self.den: np.ndarray | None = None
         if not self.all_valid:
             self.den = np.maximum(_gauss(valid.astype(np.float32), sigma), np.float32(1e-3))
@@ -162,12 +169,12 @@ def _shift_reduce(x: np.ndarray, r: int, op: np.ufunc) -> np.ndarray:
     inside the window anyway, so clipping the window to the array gives the same result.
     """
     out = x.copy()
-    for axis in (0, 1):
+    for axis in (x.ndim - 2, x.ndim - 1):  # the last two axes (a stack of windows: 3-D)
         src = out.copy()
         n = src.shape[axis]
         for k in range(1, min(r, n - 1) + 1):
-            a = [slice(None), slice(None)]
-            b = [slice(None), slice(None)]
+            a = [slice(None)] * x.ndim
+            b = [slice(None)] * x.ndim
             a[axis], b[axis] = slice(0, n - k), slice(k, n)
             op(out[tuple(a)], src[tuple(b)], out=out[tuple(a)])
             op(out[tuple(b)], src[tuple(a)], out=out[tuple(b)])
@@ -182,6 +189,20 @@ def _range_filter(x: np.ndarray, valid: np.ndarray, r: int) -> tuple[np.ndarray,
     lo = _shift_reduce(np.where(valid, x, np.float32(np.inf)), r, np.minimum)
     hi = _shift_reduce(np.where(valid, x, np.float32(-np.inf)), r, np.maximum)
     return lo, hi
+
+
+def plain_diff(before: np.ndarray, after: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``|after - before|`` (0 where invalid or not finite): a per-pixel upper bound of
+    :func:`ntd`, whose ranges always contain the pixel itself (also in float arithmetic:
+    rounding is monotone)."""
+    d = np.subtract(after, before, dtype=np.float32)
+    np.abs(d, out=d)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(d)
+    if not valid.all():
+        bad |= ~valid
+    d[bad] = 0.0
+    return d
 
 
 def ntd(before: np.ndarray, after: np.ndarray, valid: np.ndarray, r: int) -> np.ndarray:
@@ -205,6 +226,39 @@ def ntd(before: np.ndarray, after: np.ndarray, valid: np.ndarray, r: int) -> np.
         bad |= ~valid
     blo[bad] = 0.0
     return blo
+
+
+_ntd = ntd
+
+
+def _active_tiles(mask: np.ndarray, tile: int) -> list[tuple[int, int]]:
+    """Top-left corners of the ``tile``-px tiles holding a True of ``mask``."""
+    h, w = mask.shape
+    th, tw = -(-h // tile), -(-w // tile)
+    pad = np.zeros((th * tile, tw * tile), bool)
+    pad[:h, :w] = mask
+    ii, jj = np.nonzero(pad.reshape(th, tile, tw, tile).any(axis=(1, 3)))
+    return [(int(i) * tile, int(j) * tile) for i, j in zip(ii, jj, strict=True)]
+
+
+def _stack(x: np.ndarray, tiles: list[tuple[int, int]], tile: int, m: int) -> np.ndarray:
+    """Windows ``tile + 2m`` px square around each tile of ``x`` (``(h, w)`` or
+    ``(bands, h, w)``), edge-padded beyond ``x``: shape ``(n, hw, hw)`` / ``(bands, n, hw, hw)``.
+    """
+    h, w = x.shape[-2:]
+    side = tile + 2 * m
+    out = np.empty((*x.shape[:-2], len(tiles), side, side), x.dtype)
+    for k, (r0, c0) in enumerate(tiles):
+        R0, C0 = r0 - m, c0 - m
+        a0, b0 = max(0, R0), max(0, C0)
+        a1, b1 = min(h, R0 + side), min(w, C0 + side)
+        win = x[..., a0:a1, b0:b1]
+        if (a0, b0, a1, b1) != (R0, C0, R0 + side, C0 + side):
+            pads = [(0, 0)] * (x.ndim - 2) + [(a0 - R0, R0 + side - a1),
+                                               (b0 - C0, C0 + side - b1)]
+            win = np.pad(win, pads, mode="edge")
+        out[..., k, :, :] = win
+    return out
 
 
 def _index(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -259,13 +313,22 @@ class SpectralDetector:
         self.halo = max(own, min(MAX_CONTEXT_PX, math.ceil(CONTEXT_M / res_m)))
 
     def score(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
-              roles: tuple[str, ...], res_m: float, smoother: _Smoother | None = None,
+              roles: tuple[str, ...], res_m: float, smoother: _Smoother | None = None, *,
+              features: tuple[dict, dict] | None = None, upper: bool = False,
               ) -> tuple[np.ndarray, dict, dict]:
-        """Raw change score in noise units (unsmoothed) and the per-date features."""
+        """Raw change score in noise units (unsmoothed) and the per-date features.
+
+        ``upper``: a per-pixel upper bound of the score instead, from plain differences
+        (:func:`plain_diff`) and without the illumination weight (at most 1); much cheaper.
+        """
         r = _tolerance_px(res_m)
         k = np.float32(self.noise_scale)
         sm = smoother or _Smoother(valid, _smooth_sigma_px(res_m))
-        fb, fa = _features(before, roles), _features(after, roles)
+        fb, fa = features or (_features(before, roles), _features(after, roles))
+        fb = dict(fb)
+
+        def ntd(b: np.ndarray, a: np.ndarray, valid: np.ndarray, r: int) -> np.ndarray:
+            return plain_diff(b, a, valid) if upper else _ntd(b, a, valid, r)
         z2 = np.zeros(valid.shape, np.float32)
         with np.errstate(invalid="ignore", divide="ignore"):
             for i in range(before.shape[0]):
@@ -305,9 +368,12 @@ class SpectralDetector:
                 sig = k * (np.float32(NOISE_CHROMA) + np.float32(0.001) / dark)
                 cz /= sig
                 np.maximum(shape, cz, out=shape)
-            spread = _ratio_spread(before, after, valid, sm.sigma, sm)
-            magnitude *= _illumination_weight(spread, fb["bright"], fa["bright"],
-                                              before.shape[0])
+            if upper:
+                spread = None
+            else:
+                spread = _ratio_spread(before, after, valid, sm.sigma, sm)
+                magnitude *= _illumination_weight(spread, fb["bright"], fa["bright"],
+                                                  before.shape[0])
             s = np.maximum(shape, magnitude, out=magnitude)
         if not sm.all_valid:
             s[~valid] = 0.0
@@ -315,6 +381,12 @@ class SpectralDetector:
         fb["shape"] = shape
         fb["spread"] = spread
         return s, fb, fa
+
+    def _change(self, score: np.ndarray, sm: _Smoother) -> np.ndarray:
+        change = _sigmoid((score - np.float32(self.threshold)) / np.float32(WIDTH))
+        if not sm.all_valid:
+            change[~sm.valid] = 0.0
+        return change
 
     def __call__(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
                  roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
@@ -327,16 +399,44 @@ class SpectralDetector:
         zero = np.float32(0.0)
         before = np.where(valid, before, zero).astype(np.float32, copy=False)
         after = np.where(valid, after, zero).astype(np.float32, copy=False)
-        sm = _Smoother(valid, _smooth_sigma_px(res_m))
-        s, fb, fa = self.score(before, after, valid, roles, res_m, sm)
-        s_smooth = sm(s)
-        del s
-        change = _sigmoid((s_smooth - np.float32(self.threshold)) / np.float32(WIDTH))
-        if not sm.all_valid:
-            change[~valid] = 0.0
-        out: dict[str, np.ndarray] = {"change": change, "score": s_smooth,
-                                      "shape_score": sm(fb.pop("shape"))}
-        out["ratio_spread"] = fb.pop("spread")
+        sigma = _smooth_sigma_px(res_m)
+        sm = _Smoother(valid, sigma)
+        fb, fa = _features(before, roles), _features(after, roles)
+        # 1. a cheap per-pixel upper bound of the smoothed score (plain differences instead of
+        # neighbourhood-tolerant ones, no illumination weight; smoothing has positive weights)
+        ub, _, _ = self.score(before, after, valid, roles, res_m, sm, features=(fb, fa),
+                              upper=True)
+        score = sm(ub)
+        del ub
+        change = self._change(score, sm)
+        # 2. the exact score only where the bound could reach SPARSE_CUT, on windows of tiles
+        # with a margin covering every neighbourhood (tolerance + two Gaussians), so each pixel
+        # gets exactly the value a whole-array pass would give it
+        need = change >= np.float32(SPARSE_CUT)
+        shape_score = np.full(valid.shape, np.nan, np.float32)
+        spread = np.full(valid.shape, np.nan, np.float32)
+        tiles = _active_tiles(need, SPARSE_TILE)
+        if tiles:
+            # all active tiles at once, as one stack of edge-padded windows (bands, n, h, w);
+            # padding by repeating the edge is what mode="nearest" does at the block edge
+            m = _tolerance_px(res_m) + 2 * int(3.0 * sigma + 0.5) + 1
+            b_st = _stack(before, tiles, SPARSE_TILE, m)
+            a_st = _stack(after, tiles, SPARSE_TILE, m)
+            v_st = _stack(valid, tiles, SPARSE_TILE, m)
+            sm_st = _Smoother(v_st, sigma, all_valid=sm.all_valid)
+            s_st, f_st, _ = self.score(b_st, a_st, v_st, roles, res_m, sm_st)
+            del b_st, a_st
+            s_st = sm_st(s_st)
+            layers = ((score, s_st), (change, self._change(s_st, sm_st)),
+                      (shape_score, sm_st(f_st["shape"])), (spread, f_st["spread"]))
+            h, w = valid.shape
+            for k, (r0, c0) in enumerate(tiles):
+                r1, c1 = min(h, r0 + SPARSE_TILE), min(w, c0 + SPARSE_TILE)
+                sel = need[r0:r1, c0:c1]
+                for dst, src in layers:
+                    dst[r0:r1, c0:c1][sel] = src[k, m:m + r1 - r0, m:m + c1 - c0][sel]
+        out: dict[str, np.ndarray] = {"change": change, "score": score,
+                                      "shape_score": shape_score, "ratio_spread": spread}
         for name in ("ndvi", "bright", "exg", "veg"):
             out[f"{name}_before"] = fb[name].astype(np.float32, copy=False)
             out[f"{name}_after"] = fa[name].astype(np.float32, copy=False)
