@@ -197,12 +197,7 @@ def plain_diff(before: np.ndarray, after: np.ndarray, valid: np.ndarray) -> np.n
     rounding is monotone)."""
     d = np.subtract(after, before, dtype=np.float32)
     np.abs(d, out=d)
-    with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(d)
-    if not valid.all():
-        bad |= ~valid
-    d[bad] = 0.0
-    return d
+    return _zero_invalid(d, valid)
 
 
 def ntd(before: np.ndarray, after: np.ndarray, valid: np.ndarray, r: int) -> np.ndarray:
@@ -220,12 +215,17 @@ def ntd(before: np.ndarray, after: np.ndarray, valid: np.ndarray, r: int) -> np.
     np.maximum(alo, ahi, out=alo)
     np.maximum(blo, alo, out=blo)
     np.maximum(blo, np.float32(0.0), out=blo)
+    return _zero_invalid(blo, valid)
+
+
+def _zero_invalid(d: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``d`` with 0 where it is not finite or not ``valid`` (in place)."""
     with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(blo)
+        bad = ~np.isfinite(d)
     if not valid.all():
         bad |= ~valid
-    blo[bad] = 0.0
-    return blo
+    d[bad] = 0.0
+    return d
 
 
 _ntd = ntd
