@@ -115,9 +115,12 @@ class Grid:
                 yield Block(i, core, Window(c0, r0, c1 - c0, r1 - r0))
                 i += 1
 
-    def auto_block_size(self, workers: int, *, largest: int = 1024, smallest: int = 256) -> int:
+    def auto_block_size(self, workers: int, *, largest: int | None = None,
+                        smallest: int = 256) -> int:
         """Big blocks (the halo costs less) but at least two per worker when the scene allows,
-        in multiples of 128 px."""
+        in multiples of 128 px; 768 px at most above 64 Mpx, to bound worker memory."""
+        if largest is None:
+            largest = 768 if self.height * self.width > 64e6 else 1024
         side = math.sqrt(self.height * self.width / max(1, 2 * workers))
         return int(min(largest, max(smallest, 128 * math.ceil(side / 128))))
 

@@ -39,7 +39,9 @@ def test_subgrid_and_shift() -> None:
 def test_auto_block_size() -> None:
     g = Grid.from_bounds((0, 0, 1024, 1024), 1.0, "EPSG:32650")
     assert g.auto_block_size(2) == 512  # four blocks for two workers
+    mid = Grid.from_bounds((0, 0, 4000, 4000), 1.0, "EPSG:32650")
+    assert mid.auto_block_size(2) == 1024
     big = Grid.from_bounds((0, 0, 16000, 16000), 1.0, "EPSG:32650")
-    assert big.auto_block_size(2) == 1024
+    assert big.auto_block_size(2) == 768
     small = Grid.from_bounds((0, 0, 200, 200), 1.0, "EPSG:32650")
     assert small.auto_block_size(8) == 256
