@@ -43,7 +43,7 @@ class TubanGroup(click.Group):
 def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """tuban: satellite change detection for land and urban-management enforcement (图斑)."""
     # GDAL's default block cache (5 % of RAM per process) is what grows with scene size
-    os.environ.setdefault("GDAL_CACHEMAX", "256")
+    os.environ.setdefault("GDAL_CACHEMAX", "128")
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
     if quiet:
