@@ -99,7 +99,8 @@ def process_block(job: BlockJob, block: Block) -> BlockResult:
     return BlockResult(cat_core, polys, int(valid[core].sum()), dict(excluded))
 
 
-def change_profile(grid: Grid, block_size: int) -> dict[str, Any]:
+def change_profile(grid: Grid) -> dict[str, Any]:
+    """Tiled GeoTIFF for the block stage's category raster (export turns it into a COG)."""
     return {"driver": "GTiff", "width": grid.width, "height": grid.height, "count": 1,
             "dtype": "uint8", "crs": grid.crs, "transform": grid.transform,
             "nodata": NOT_OBSERVED, "tiled": True, "blockxsize": 256,
@@ -142,7 +143,7 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
     n_valid = 0
     with stage("detect"):
         progress = Progress("detect", len(blocks))
-        with rasterio.open(change_path, "w", **change_profile(grid, block_size)) as dst:
+        with rasterio.open(change_path, "w", **change_profile(grid)) as dst:
             for block, res in map_blocks(process_block, job, blocks, workers=workers,
                                          scheduler=scheduler):
                 dst.write(res.category, 1, window=block.core)
