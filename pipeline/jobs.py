@@ -123,10 +123,13 @@ def _finish(out_dir: Path, change_tif: Path, *, cfg: PipelineConfig, grid: Grid,
         export.write_gpkg(candidates, out_dir / WORK / "candidates.gpkg")
 
 
+def _iso(date: dt.date | None) -> str | None:
+    return date.isoformat() if date else None
+
+
 def _meta(before: ingest.ImageSource, after: ingest.ImageSource, grid: Grid,
           run_id: str) -> dict[str, Any]:
-    return {"before_date": str(before.date) if before.date else None,
-            "after_date": str(after.date) if after.date else None,
+    return {"before_date": _iso(before.date), "after_date": _iso(after.date),
             "sensor": after.sensor, "resolution_m": grid.res, "run_id": run_id}
 
 
@@ -157,9 +160,9 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
                  "shape": list(grid.shape), "transform": list(grid.transform)[:6],
                  "resolution_m": grid.res, "bounds": list(grid.bounds)},
         "base_dir": str(cfg.base_dir),
-        "periods": {"before": {"name": before.name, "date": str(before.date),
+        "periods": {"before": {"name": before.name, "date": _iso(before.date),
                                "sensor": before.sensor},
-                    "after": {"name": after.name, "date": str(after.date),
+                    "after": {"name": after.name, "date": _iso(after.date),
                               "sensor": after.sensor}},
         **extra,
     }
@@ -311,12 +314,13 @@ def compare(before_path: str | Path, after_path: str | Path, outdir: str | Path,
     if rules_dir is not None:
         data["rules"], data["admin"] = _rules_from_dir(Path(rules_dir))
     elif base_cfg is not None:
-        data["rules"] = {k: v.model_dump() for k, v in base_cfg.rules.items()}
-        data["rules"] = {k: {**v, "path": str(base_cfg.path(v["path"]))}
-                         for k, v in data["rules"].items()}
+        # the config's layers, their paths made absolute (compare resolves from the cwd)
+        def absolute(layer: Any) -> dict[str, Any]:
+            return {**layer.model_dump(), "path": str(base_cfg.path(layer.path))}
+
+        data["rules"] = {k: absolute(v) for k, v in base_cfg.rules.items()}
         if base_cfg.admin:
-            data["admin"] = {**base_cfg.admin.model_dump(),
-                             "path": str(base_cfg.path(base_cfg.admin.path))}
+            data["admin"] = absolute(base_cfg.admin)
     cfg = config_from_dict(data, Path(config or "compare"), Path.cwd())
     run_id = new_run_id("compare", "pair")
     return _pipeline(cfg, [before, after], Path(outdir), run_id=run_id, scheduler=scheduler,
@@ -358,8 +362,7 @@ def load_finished(run_dir: str | Path) -> FinishedRun:
     if not man_path.is_file():
         raise MissingFileError(f"{d}: no run.json; give the folder of a finished run")
     man = json.loads(man_path.read_text(encoding="utf-8"))
-    cfg_data = {k: v for k, v in man["config"].items()}
-    cfg = config_from_dict(cfg_data, man_path, Path(man.get("base_dir", ".")))
+    cfg = config_from_dict(man["config"], man_path, Path(man.get("base_dir", ".")))
     by_name = {p.name: p for p in cfg.periods}
     before = ingest.open_period(by_name[man["periods"]["before"]["name"]], cfg.base_dir)
     after = ingest.open_period(by_name[man["periods"]["after"]["name"]], cfg.base_dir)
@@ -404,8 +407,7 @@ def rerun_track(run_dir: str | Path) -> Path:
     register = run.cfg.path(run.cfg.register_path) if run.cfg.register_path else None
     run_id = run.manifest["run_id"]
     after_date = run.manifest["periods"]["after"]["date"]
-    patches = _track(gpd.read_file(cand), register, run_id,
-                     after_date if after_date != "None" else run_id)
+    patches = _track(gpd.read_file(cand), register, run_id, after_date or run_id)
     return _reexport(run, patches, "track")
 
 
@@ -420,7 +422,7 @@ def inventory(config: str | Path) -> dict[str, Any]:
         "config": str(config),
         "grid": {"crs": grid.crs.to_string(), "shape": list(grid.shape),
                  "resolution_m": grid.res, "bounds_lonlat": list(grid.bounds_in(4326))},
-        "periods": [{"name": s.name, "date": str(s.date) if s.date else None,
+        "periods": [{"name": s.name, "date": _iso(s.date),
                      "sensor": s.sensor, "roles": list(s.roles), "files": len(s.paths),
                      "crs": s.crs.to_string(), "resolution_m": s.res} for s in sources],
         "rules": {role: int(len(gdf)) for role, gdf in rules.items()},
