@@ -220,8 +220,10 @@ def cloud_shadow_mask(img: np.ndarray, roles: tuple[str, ...] | list[str], *,
     if min_cloud_m2 is None:
         min_cloud_m2 = 2_500.0 if has_nir else 10_000.0
     with np.errstate(invalid="ignore", divide="ignore"):
-        b, g, r = (img[roles.index(k)].astype("float32") for k in VISIBLE)
+        b, g, r = (img[roles.index(k)].astype("float32", copy=False) for k in VISIBLE)
         vis = (b + g + r) / 3
+        if not (vis > (0.4 if has_nir else 0.8)).any():
+            return np.zeros((h, w), bool)  # no cloud in view, hence no cloud shadow either
         flat = (np.abs(b - vis) + np.abs(g - vis) + np.abs(r - vis)) / (3 * np.maximum(vis, 1e-6))
         darkest = np.maximum(np.maximum(b, g), r)
         if has_nir:

@@ -16,10 +16,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from typing import Any, TypeVar
 
 from .errors import TubanError
-from .grid import Block
 
 log = logging.getLogger(__name__)
 J = TypeVar("J")
+T = TypeVar("T")  # an item of work: a Block, or anything picklable
 R = TypeVar("R")
 
 _JOB: Any = None  # the job, set once per worker process
@@ -44,7 +44,7 @@ def _worker_env() -> None:
         os.environ.setdefault(k, v)
 
 
-def _call(fn: Callable[[Any, Block], Any], block: Block) -> Any:
+def _call(fn: Callable[[Any, Any], Any], block: Any) -> Any:
     return fn(_JOB, block)
 
 
@@ -78,10 +78,11 @@ def warm_up(preload: Iterable[str] = ()) -> None:
                 os.environ[k] = v
 
 
-def map_blocks(fn: Callable[[J, Block], R], job: J, blocks: Iterable[Block], *,
+def map_blocks(fn: Callable[[J, T], R], job: J, blocks: Iterable[T], *,
                workers: int | None = None, scheduler: str | None = None,
-               ) -> Iterator[tuple[Block, R]]:
-    """Run ``fn(job, block)`` for every block; yield ``(block, result)`` as they finish."""
+               ) -> Iterator[tuple[T, R]]:
+    """Run ``fn(job, block)`` for every block (or other item); yield ``(block, result)`` as
+    they finish."""
     blocks = list(blocks)
     if scheduler:
         yield from _map_dask(fn, job, blocks, scheduler)
@@ -97,10 +98,10 @@ def map_blocks(fn: Callable[[J, Block], R], job: J, blocks: Iterable[Block], *,
         yield from _bounded(lambda b: pool.submit(_call, fn, b), blocks, 2 * n)
 
 
-def _bounded(submit: Callable[[Block], Future], blocks: list[Block],
-             limit: int) -> Iterator[tuple[Block, Any]]:
+def _bounded(submit: Callable[[Any], Future], blocks: list[Any],
+             limit: int) -> Iterator[tuple[Any, Any]]:
     todo = iter(blocks)
-    running: dict[Future, Block] = {}
+    running: dict[Future, Any] = {}
     for b in todo:
         running[submit(b)] = b
         if len(running) >= limit:
@@ -115,8 +116,8 @@ def _bounded(submit: Callable[[Block], Future], blocks: list[Block],
                 running[submit(nxt)] = nxt
 
 
-def _map_dask(fn: Callable[[Any, Block], Any], job: Any, blocks: list[Block],
-              address: str) -> Iterator[tuple[Block, Any]]:
+def _map_dask(fn: Callable[[Any, Any], Any], job: Any, blocks: list[Any],
+              address: str) -> Iterator[tuple[Any, Any]]:
     try:
         from distributed import Client, as_completed
     except ImportError as err:  # pragma: no cover - distributed is a dependency

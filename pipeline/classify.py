@@ -52,7 +52,6 @@ from pyproj import CRS
 from rasterio import features
 from scipy import ndimage as ndi
 from shapely.geometry import box
-from skimage.filters import apply_hysteresis_threshold
 from skimage.measure import label
 
 from .config import CategoryConfig, DetectionConfig
@@ -374,7 +373,7 @@ def classify_block(evidence: dict[str, np.ndarray], rule_masks: dict[str, np.nda
     """
     valid = valid.astype(bool)
     p = np.where(valid, np.nan_to_num(evidence["change"].astype(np.float32)), 0.0)
-    mask = apply_hysteresis_threshold(p, P_GROW, P_SEED) & valid
+    mask = hysteresis(p, P_GROW, P_SEED) & valid
     whole, n = label(mask, connectivity=2, return_num=True)
     lab = whole
     if n and rule_masks.get(PARCEL_KEY) is not None:
@@ -409,6 +408,22 @@ def classify_block(evidence: dict[str, np.ndarray], rule_masks: dict[str, np.nda
     cat[~valid] = NOT_OBSERVED
     conf[~valid] = 0.0
     return BlockClassification(cat, conf.astype(np.float32), excluded)
+
+
+def hysteresis(p: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``p > low`` regions (4-connected) that hold a pixel ``> high``.
+
+    What ``skimage.filters.apply_hysteresis_threshold`` returns, with the seed lookup touching
+    only the seed pixels instead of summing over the whole block.
+    """
+    grow = p > low
+    lab, n = ndi.label(grow)
+    if not n:
+        return grow
+    keep = np.zeros(n + 1, bool)
+    keep[lab[p > high]] = True
+    keep[0] = False
+    return keep[lab]
 
 
 def _split_by_parcel(lab: np.ndarray, parcel: np.ndarray) -> tuple[np.ndarray, int]:

@@ -16,7 +16,7 @@ import math
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape as xml_escape
@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: Returns an RGB uint8 ``(h, w, 3)`` chip (already stretched) for bounds in the working CRS.
 ChipReader = Callable[[BBox], np.ndarray]
+#: many chip pairs at once, in order; a string (the error) where one failed
+ChipPairs = Callable[[list[BBox]], Iterator[tuple[np.ndarray, np.ndarray] | str]]
 
 #: Patch-record fields in output order (extra columns follow).
 PATCH_FIELDS: tuple[str, ...] = (
@@ -410,38 +412,43 @@ def write_evidence(patch: Mapping[str, Any], before_chip: np.ndarray, after_chip
         img.save(tmp, format="PNG", compress_level=1)  # speed over bytes: one per patch
 
 
-def _write_all_evidence(patches: gpd.GeoDataFrame, folder: Path, before: ChipReader,
-                        after: ChipReader, *, min_size_m: float, panel_px: int) -> list[Any]:
+def _write_all_evidence(patches: gpd.GeoDataFrame, folder: Path, pairs: ChipPairs, *,
+                        min_size_m: float, panel_px: int) -> list[Any]:
     """Evidence for every violation patch (the ones field teams visit); returns the relative
     paths (None for other_change and where a chip failed)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    rel: list[Any] = []
-    # chips are read here, in order (the readers share open datasets, not thread-safe);
-    # drawing and PNG encoding (Pillow releases the GIL) run in two threads, at most a few
-    # chips ahead so memory stays small
+    recs = patches.to_dict("records")
+    todo = [i for i, r in enumerate(recs) if r["category"] in VIOLATIONS]
+    bounds = [chip_bounds(recs[i]["geometry"], min_size_m=min_size_m) for i in todo]
+    rel: list[Any] = [None] * len(recs)
+    # chips arrive in order (read on the workers); drawing and PNG encoding (Pillow releases
+    # the GIL) run in two threads, at most a few chips ahead so memory stays small
     with ThreadPoolExecutor(2) as pool:
         pending: list[Any] = []
-        for rec in patches.to_dict("records"):
-            pid = str(rec["patch_id"])
-            if rec["category"] not in VIOLATIONS:
-                rel.append(None)
+        for i, b, chips in zip(todo, bounds, pairs(bounds), strict=True):
+            pid = str(recs[i]["patch_id"])
+            if isinstance(chips, str):
+                warnings.warn(f"{pid}: no evidence chip ({chips})", TubanWarning, stacklevel=2)
                 continue
-            b = chip_bounds(rec["geometry"], min_size_m=min_size_m)
-            try:
-                chips = before(b), after(b)
-            except (TubanError, OSError, ValueError) as err:
-                warnings.warn(f"{pid}: no evidence chip ({err})", TubanWarning, stacklevel=2)
-                rel.append(None)
-                continue
-            pending.append(pool.submit(write_evidence, rec, *chips, folder / f"{pid}.png",
+            pending.append(pool.submit(write_evidence, recs[i], *chips, folder / f"{pid}.png",
                                        bounds=b, panel_px=panel_px))
             if len(pending) >= 8:
                 pending.pop(0).result()
-            rel.append(f"evidence/{pid}.png")
+            rel[i] = f"evidence/{pid}.png"
         for f in pending:
             f.result()
     return rel
+
+
+def _pairs_from(before: ChipReader, after: ChipReader) -> ChipPairs:
+    def pairs(bounds: list[BBox]) -> Iterator[tuple[np.ndarray, np.ndarray] | str]:
+        for b in bounds:
+            try:
+                yield before(b), after(b)
+            except (TubanError, OSError, ValueError) as err:
+                yield str(err)
+    return pairs
 
 
 # --------------------------------------------------------------------------- manifest/report
@@ -484,6 +491,7 @@ def export_all(outdir: str | Path, patches: gpd.GeoDataFrame, *,
                change_tif: str | Path | None = None,
                before_chip: ChipReader | None = None,
                after_chip: ChipReader | None = None,
+               chip_pairs: ChipPairs | None = None,
                config: PipelineConfig | None = None,
                extent: BBox | None = None,
                cog_blocksize: int = 512) -> dict[str, Path]:
@@ -499,6 +507,8 @@ def export_all(outdir: str | Path, patches: gpd.GeoDataFrame, *,
         before_chip: Chip reader for the before date; evidence is written when both readers
             are given (and ``config.output.evidence`` is not false).
         after_chip: Chip reader for the after date.
+        chip_pairs: Instead of the two readers: reads many (before, after) chip pairs in
+            order, yielding the error message where one failed (see :mod:`pipeline.chips`).
         config: Supplies category priorities, output switches, chip size and the title.
         extent: Scene extent in the working CRS for the report map (default: change_tif's).
         cog_blocksize: COG tile size.
@@ -515,14 +525,14 @@ def export_all(outdir: str | Path, patches: gpd.GeoDataFrame, *,
     patches = _ensure_ids(patches.reset_index(drop=True), run_id)
     rel: dict[str, str] = {}
     with staging_dir(outdir) as stage:
-        if before_chip is not None and after_chip is not None and (
-                out_cfg is None or out_cfg.evidence):
+        if chip_pairs is None and before_chip is not None and after_chip is not None:
+            chip_pairs = _pairs_from(before_chip, after_chip)
+        if chip_pairs is not None and (out_cfg is None or out_cfg.evidence):
             res = float(config.resolution) if config else float(
                 _first(patches, "resolution_m") or 1.0)
             px = out_cfg.chip_size_px if out_cfg else 96
             patches["evidence"] = _write_all_evidence(
-                patches, stage / "evidence", before_chip, after_chip,
-                min_size_m=px * res, panel_px=max(256, px))
+                patches, stage / "evidence", chip_pairs, min_size_m=px * res, panel_px=max(256, px))
             rel["evidence"] = "evidence"
         elif "evidence" not in patches:
             patches["evidence"] = None

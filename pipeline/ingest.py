@@ -36,7 +36,7 @@ import rasterio
 import shapely
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.enums import ColorInterp
+from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.enums import Resampling as RioResampling
 from rasterio.errors import RasterioIOError, WindowError
 from rasterio.transform import array_bounds
@@ -536,6 +536,16 @@ def _same_grid_window(ds: rasterio.DatasetReader, dst_transform: Affine, dst_crs
     return int(round(c)), int(round(r))
 
 
+def _needs_dataset_mask(ds: rasterio.DatasetReader, nodata: float | None) -> bool:
+    """False when GDAL's mask says no more than the nodata test already made: every band
+    all valid, or masked by the file's own nodata value where that is ``nodata``."""
+    flags = ds.mask_flag_enums
+    if all(f == [MaskFlags.all_valid] for f in flags):
+        return False
+    return not (all(f == [MaskFlags.nodata] for f in flags) and ds.nodata is not None
+                and nodata is not None and float(ds.nodata) == float(nodata))
+
+
 def _read_direct(ds: rasterio.DatasetReader, indexes: list[int], off: tuple[int, int],
                  dst_shape: tuple[int, int], nodata: float | None,
                  ) -> tuple[np.ndarray, np.ndarray] | None:
@@ -546,16 +556,21 @@ def _read_direct(ds: rasterio.DatasetReader, indexes: list[int], off: tuple[int,
     if cc1 <= cc0 or rr1 <= rr0:
         return None
     win = Window(cc0, rr0, cc1 - cc0, rr1 - rr0)
-    data = ds.read(indexes, window=win).astype("float32")
-    mask = ds.dataset_mask(window=win) > 0
-    mask &= np.isfinite(data).all(axis=0)
-    mask &= (data != 0).any(axis=0)
+    data = ds.read(indexes, window=win).astype("float32", copy=False)
+    mask = (data != 0).any(axis=0)
     if nodata is not None and np.isfinite(nodata):
         mask &= (data != np.float32(nodata)).any(axis=0)
+    if data.dtype.kind == "f":
+        mask &= np.isfinite(data).all(axis=0)
+    if _needs_dataset_mask(ds, nodata):
+        mask &= ds.dataset_mask(window=win) > 0
+    sl = (slice(rr0 - r0, rr1 - r0), slice(cc0 - c0, cc1 - c0))
+    if not mask.all():
+        data[:, ~mask] = np.nan
+    if (cc0, rr0, cc1, rr1) == (c0, r0, c0 + w, r0 + h):  # the whole window: no padding
+        return data, mask
     out = np.full((len(indexes), h, w), np.nan, dtype="float32")
     valid = np.zeros((h, w), dtype=bool)
-    sl = (slice(rr0 - r0, rr1 - r0), slice(cc0 - c0, cc1 - c0))
-    data[:, ~mask] = np.nan
     out[(slice(None), *sl)] = data
     valid[sl] = mask
     return out, valid

@@ -21,11 +21,11 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 from affine import Affine
-from rasterio.windows import Window
 
 from . import __version__, align, export, ingest, persistence
 from .batch import PairResult, detect_pair
 from .blocks import default_workers
+from .chips import ChipSource
 from .config import PipelineConfig, config_from_dict, load_config
 from .errors import InputError, MissingFileError, OutputExistsError
 from .grid import Grid, norm_crs
@@ -69,41 +69,13 @@ def _inputs_manifest(sources: list[ingest.ImageSource], layers: dict[str, Path]
     return out
 
 
-class ChipSource:
-    """Before/after RGB chips for bounds in the working CRS (reads both dates once per chip)."""
-
-    def __init__(self, before: ingest.ImageSource, after: ingest.ImageSource, grid: Grid,
-                 params: align.AlignParams) -> None:
-        self.before, self.after, self.grid, self.params = before, after, grid, params
-        self._last: tuple[Any, tuple[np.ndarray, np.ndarray]] | None = None
-
-    def _read(self, bounds: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray]:
-        if self._last is not None and self._last[0] == bounds:
-            return self._last[1]
-        inv = ~self.grid.transform
-        c0, r0 = inv * (bounds[0], bounds[3])
-        c1, r1 = inv * (bounds[2], bounds[1])
-        win = Window(round(c0), round(r0), max(1, round(c1 - c0)), max(1, round(r1 - r0)))
-        b, a, valid = align.read_aligned_block(self.before, self.after, self.grid, win,
-                                               self.params, cloud_mask=False)
-        rgb = [list(self.params.roles).index(r) for r in ("red", "green", "blue")]
-        chips = export.stretch_rgb(b[rgb], valid), export.stretch_rgb(a[rgb], valid)
-        self._last = (bounds, chips)
-        return chips
-
-    def before_chip(self, bounds: tuple[float, float, float, float]) -> np.ndarray:
-        return self._read(bounds)[0]
-
-    def after_chip(self, bounds: tuple[float, float, float, float]) -> np.ndarray:
-        return self._read(bounds)[1]
-
-
 def _finish(out_dir: Path, change_tif: Path, *, cfg: PipelineConfig, grid: Grid,
             before: ingest.ImageSource, after: ingest.ImageSource, pair: PairResult,
             patches: gpd.GeoDataFrame, timings: Timings, manifest: dict[str, Any],
-            candidates: gpd.GeoDataFrame | None = None) -> None:
+            candidates: gpd.GeoDataFrame | None = None, workers: int | None = None,
+            scheduler: str | None = None) -> None:
     """Hand everything to export, the only writer of results."""
-    chips = ChipSource(before, after, grid, pair.params)
+    chips = ChipSource(before, after, grid, pair.params, workers=workers, scheduler=scheduler)
     manifest.update({
         "excluded": pair.excluded,
         "observed_fraction": round(pair.n_valid / max(pair.n_pixels, 1), 4),
@@ -117,8 +89,7 @@ def _finish(out_dir: Path, change_tif: Path, *, cfg: PipelineConfig, grid: Grid,
     with timings.stage("export"):
         manifest["timings_s"] = timings
         export.export_all(out_dir, patches, manifest=manifest, change_tif=change_tif,
-                          before_chip=chips.before_chip, after_chip=chips.after_chip,
-                          config=cfg, extent=grid.bounds)
+                          chip_pairs=chips.pairs, config=cfg, extent=grid.bounds)
     if candidates is not None:  # checkpoint for `tuban track RUN_DIR`
         export.write_gpkg(candidates, out_dir / WORK / "candidates.gpkg")
 
@@ -198,7 +169,7 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
                              _meta(before, after, grid, run_id)["after_date"] or run_id)
         _finish(out_dir, change_tif, cfg=cfg, grid=grid, before=before, after=after,
                 pair=pair, patches=patches, timings=timings, manifest=manifest,
-                candidates=candidates)
+                candidates=candidates, workers=workers or cfg.workers, scheduler=scheduler)
     log.info("wrote %s", out_dir)
     return out_dir
 
@@ -386,8 +357,7 @@ def _reexport(run: FinishedRun, patches: gpd.GeoDataFrame, stage: str) -> Path:
             manifest["timings_s"] = timings
             export.export_all(run.dir, patches.drop(columns=["evidence"], errors="ignore"),
                               manifest=manifest, change_tif=change,
-                              before_chip=chips.before_chip, after_chip=chips.after_chip,
-                              config=run.cfg, extent=run.grid.bounds)
+                              chip_pairs=chips.pairs, config=run.cfg, extent=run.grid.bounds)
     return run.dir
 
 

@@ -205,3 +205,21 @@ def test_rasterize_rules() -> None:
     sub = grid.subgrid(Window(5, 0, 10, 10))
     np.testing.assert_array_equal(rasterize_rules({"farmland": farms}, sub)["farmland"],
                                   out["farmland"][0:10, 5:15])
+
+
+def test_hysteresis_matches_skimage_and_keeps_only_seeded_regions() -> None:
+    from skimage.filters import apply_hysteresis_threshold
+
+    from pipeline.classify import hysteresis
+
+    rng = np.random.default_rng(3)
+    p = ndi.gaussian_filter(rng.random((200, 300)), 2).astype(np.float32)
+    p = (p - p.min()) / (p.max() - p.min())
+    got = hysteresis(p, 0.55, 0.7)
+    assert got.any() and not got.all()
+    np.testing.assert_array_equal(got, apply_hysteresis_threshold(p, 0.55, 0.7))
+    # a region above `low` without a seed is dropped; diagonal contact does not connect
+    q = np.zeros((6, 6), np.float32)
+    q[1, 1], q[2, 2], q[4, 4] = 0.9, 0.5, 0.5
+    q[4, 3] = 0.5
+    assert hysteresis(q, 0.4, 0.8).nonzero() == (np.array([1]), np.array([1]))

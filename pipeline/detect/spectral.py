@@ -70,7 +70,13 @@ _VISIBLE = ("blue", "green", "red")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
+    if x.dtype != np.float32:
+        return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
+    y = np.multiply(x, np.float32(0.5))  # the same float32 operations, in place
+    np.tanh(y, out=y)
+    y += np.float32(1.0)
+    y *= np.float32(0.5)
+    return y
 
 
 def _tolerance_px(res_m: float) -> int:
@@ -221,8 +227,12 @@ def ntd(before: np.ndarray, after: np.ndarray, valid: np.ndarray, r: int) -> np.
 def _zero_invalid(d: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """``d`` with 0 where it is not finite or not ``valid`` (in place)."""
     with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(d)
-    if not valid.all():
+        fin = np.isfinite(d)
+    all_valid = valid.all()
+    if fin.all() and all_valid:
+        return d
+    bad = ~fin
+    if not all_valid:
         bad |= ~valid
     d[bad] = 0.0
     return d
@@ -264,27 +274,51 @@ def _stack(x: np.ndarray, tiles: list[tuple[int, int]], tile: int, m: int) -> np
 def _index(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Normalised difference (a - b) / (a + b), 0 where the sum vanishes."""
     s = a + b
-    return np.where(np.abs(s) > _EPS, (a - b) / np.where(np.abs(s) > _EPS, s, 1.0), 0.0)
+    ok = np.abs(s) > _EPS
+    s[~ok] = 1.0
+    out = np.subtract(a, b)
+    out /= s
+    out[~ok] = 0.0
+    return out
+
+
+def _nir_red(img: np.ndarray, f: dict[str, np.ndarray], inir: int, ired: int) -> np.ndarray:
+    """NIR + red, both clipped at 0 (from the features when they hold it)."""
+    if "_nir_red" in f:
+        return f["_nir_red"]
+    zero = np.float32(0.0)
+    return np.maximum(img[inir], zero) + np.maximum(img[ired], zero)
 
 
 def _features(img: np.ndarray, roles: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Per-date spectral evidence: brightness, NDVI, chromatic ExG, vegetation likelihood."""
-    band = {r: np.clip(img[i].astype(np.float32), 0.0, None) for i, r in enumerate(roles)}
+    zero = np.float32(0.0)
+    band = {r: np.maximum(img[i], zero, dtype=np.float32) for i, r in enumerate(roles)}
     vis = [band[r] for r in _VISIBLE if r in band]
-    bright = np.mean(vis, axis=0) if vis else np.mean(list(band.values()), axis=0)
-    out: dict[str, np.ndarray] = {"bright": bright.astype(np.float32)}
+    if len(vis) == 3:  # what np.mean does, without stacking a copy
+        bright = vis[0] + vis[1]
+        bright += vis[2]
+        bright /= np.float32(3)
+    else:
+        bright = np.mean(vis or list(band.values()), axis=0).astype(np.float32)
+    out: dict[str, np.ndarray] = {"bright": bright}
     if {"red", "green", "blue"} <= band.keys():
         s = band["red"] + band["green"] + band["blue"]
-        exg = (2 * band["green"] - band["red"] - band["blue"]) / np.maximum(s, 0.03)
-        out["exg"] = exg.astype(np.float32)
+        den = np.maximum(s, np.float32(0.03), out=s)
+        exg = 2 * band["green"] - band["red"] - band["blue"]
+        exg /= den
+        out["exg"] = exg
         for r in _VISIBLE:
-            out[f"chroma_{r}"] = (band[r] / np.maximum(s, 0.03)).astype(np.float32)
+            out[f"chroma_{r}"] = np.divide(band[r], den)
     else:
         out["exg"] = np.full(bright.shape, np.nan, np.float32)
     if "nir" in band and "red" in band:
-        ndvi = _index(band["nir"], band["red"]).astype(np.float32)
+        out["_nir_red"] = band["nir"] + band["red"]  # for the score's NDVI noise floor
+        ndvi = _index(band["nir"], band["red"]).astype(np.float32, copy=False)
         out["ndvi"] = ndvi
-        out["veg"] = _sigmoid((ndvi - NDVI_VEG_MID) / NDVI_VEG_WIDTH)
+        x = ndvi - np.float32(NDVI_VEG_MID)
+        x /= np.float32(NDVI_VEG_WIDTH)
+        out["veg"] = _sigmoid(x)
     else:
         out["ndvi"] = np.full(bright.shape, np.nan, np.float32)
         exg = np.nan_to_num(out["exg"], nan=0.0)
@@ -351,9 +385,8 @@ class SpectralDetector:
             dark = np.maximum(np.minimum(fb["bright"], fa["bright"]), np.float32(0.005))
             if {"nir", "red"} <= set(roles):
                 inir, ired = roles.index("nir"), roles.index("red")
-                zero = np.float32(0.0)
-                nr = np.minimum(np.maximum(before[inir], zero) + np.maximum(before[ired], zero),
-                                np.maximum(after[inir], zero) + np.maximum(after[ired], zero))
+                nr = np.minimum(_nir_red(before, fb, inir, ired),
+                                _nir_red(after, fa, inir, ired))
                 sig = k * (np.float32(NOISE_INDEX)
                            + np.float32(0.006) / np.maximum(nr, np.float32(0.005)))
                 np.maximum(shape, ntd(fb["ndvi"], fa["ndvi"], valid, r) / sig, out=shape)
@@ -365,7 +398,9 @@ class SpectralDetector:
                 cz = ntd(fb[chroma[0]], fa[chroma[0]], valid, r)
                 for c in chroma[1:]:
                     np.maximum(cz, ntd(fb[c], fa[c], valid, r), out=cz)
-                sig = k * (np.float32(NOISE_CHROMA) + np.float32(0.001) / dark)
+                sig = np.divide(np.float32(0.001), dark)
+                sig += np.float32(NOISE_CHROMA)
+                sig *= k
                 cz /= sig
                 np.maximum(shape, cz, out=shape)
             if upper:
