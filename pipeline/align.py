@@ -323,10 +323,43 @@ def _sample_pixels(a: np.ndarray, b: np.ndarray, valid: np.ndarray, n: int, seed
     return (a.reshape(nb, -1)[:, idx][:, None, :], b.reshape(nb, -1)[:, idx][:, None, :])
 
 
+@dataclass(frozen=True)
+class _WindowJob:
+    """What the first alignment pass needs for any window (picklable, for the workers)."""
+
+    before: ImageSource
+    after: ImageSource
+    grid: Grid
+    roles: tuple[str, ...]
+    coregister: bool
+    max_shift_px: float
+    resampling: Resampling
+    windows: tuple[Window, ...]
+
+
+def _window_pass(job: _WindowJob, k: int) -> tuple[tuple[float, float] | None, tuple]:
+    """Sample window ``k``: its confident shift (or None) and both dates' pixels and masks."""
+    roles, grid, win = job.roles, job.grid, job.windows[k]
+    d = _dilate_px(grid.res)
+    a, va = read_block(job.before, grid, win, resampling=job.resampling)
+    b, vb = read_block(job.after, grid, win, resampling=job.resampling)
+    a, b = _select(a, job.before, roles), _select(b, job.after, roles)
+    est = None
+    if job.coregister:
+        vis = tuple(r for r in roles if r in VISIBLE) or roles
+        ia = [roles.index(r) for r in vis]
+        v = va & vb & ~cloud_shadow_mask(a, roles, res_m=grid.res, other=b, dilate_px=d)
+        v &= ~cloud_shadow_mask(b, roles, res_m=grid.res, other=a, dilate_px=d)
+        dx, dy, ok = _shift_with_confidence(a[ia], b[ia], v, job.max_shift_px)
+        est = (dx, dy) if ok else None
+    return est, (a, va, b, vb)
+
+
 def fit_alignment(before: ImageSource, after: ImageSource, grid: Grid, *, coregister: bool = True,
                   normalize: bool = True, max_shift_px: float = 8.0,
                   resampling: Resampling = "bilinear", window_px: int = 256,
-                  n_side: int = 3) -> AlignParams:
+                  n_side: int = 3, workers: int | None = 1,
+                  scheduler: str | None = None) -> AlignParams:
     """Estimate the after→before shift and the radiometric gain/offset from ≤ ``n_side``²
     full-resolution windows of ``window_px`` spread over the grid (constant time in the
     scene size: nothing else is read).
@@ -334,42 +367,39 @@ def fit_alignment(before: ImageSource, after: ImageSource, grid: Grid, *, coregi
     The shift is the median over the windows whose phase-correlation peak is confident; the
     gain/offset is fitted on a seeded sample of the windows' clear pixels (clouds and shadows
     in either date excluded), with the after windows moved by the estimated shift when it
-    is not zero (in memory, bilinear: nothing is read twice).
+    is not zero (in memory, bilinear: nothing is read twice). The windows are read on
+    ``workers`` local processes (default 1: here) or the Dask ``scheduler``; the result does
+    not depend on where.
     """
+    from .blocks import map_blocks
+
     roles = common_roles(before, after)
     if not (coregister or normalize):
         nb = len(roles)
         return AlignParams((0.0, 0.0), (1.0,) * nb, (0.0,) * nb, roles, 0)
-    vis = tuple(r for r in roles if r in VISIBLE) or roles
-    ia = [roles.index(r) for r in vis]
     wins = sample_windows(grid, size=window_px, n_side=n_side)
     per_window = max(1_000, 50_000 // max(1, len(wins)))
     d = _dilate_px(grid.res)
     shift = (0.0, 0.0)
     n_ok = 0
-    est: list[tuple[float, float]] = []
-    kept: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-    for win in wins:
-        a, va = read_block(before, grid, win, resampling=resampling)
-        b, vb = read_block(after, grid, win, resampling=resampling)
-        a, b = _select(a, before, roles), _select(b, after, roles)
-        v = va & vb & ~cloud_shadow_mask(a, roles, res_m=grid.res, other=b, dilate_px=d)
-        v &= ~cloud_shadow_mask(b, roles, res_m=grid.res, other=a, dilate_px=d)
-        if coregister:
-            dx, dy, ok = _shift_with_confidence(a[ia], b[ia], v, max_shift_px)
-            if ok:
-                est.append((dx, dy))
-        if normalize:
-            kept.append((a, va, b, vb))
+    job = _WindowJob(before, after, grid, roles, coregister, max_shift_px, resampling,
+                     tuple(wins))
+    ks = list(range(len(wins)))
+    if len(wins) > 1 and (scheduler or (workers or 1) > 1):
+        done = dict(map_blocks(_window_pass, job, ks, workers=workers, scheduler=scheduler))
+    else:
+        done = {k: _window_pass(job, k) for k in ks}
+    passes = [done[k] for k in ks]  # window order: the result never depends on timing
+    est = [e for e, _ in passes if e is not None]
     if est:
         e = np.asarray(est)
         shift = (float(np.median(e[:, 0])), float(np.median(e[:, 1])))
         n_ok = len(est)
     nb = len(roles)
     gain, offset = np.ones(nb, "float32"), np.zeros(nb, "float32")
-    if normalize and kept:
+    if normalize and passes:
         refs, movs = [], []
-        for k, (a, va, b, vb) in enumerate(kept):
+        for k, (_, (a, va, b, vb)) in enumerate(passes):
             if any(shift):  # move after by the shift so the pixels correspond
                 b = ndi.shift(b, (0.0, -shift[1], -shift[0]), order=1, mode="constant",
                               cval=np.nan, prefilter=False)

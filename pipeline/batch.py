@@ -20,7 +20,7 @@ import rasterio
 import shapely
 
 from . import align, classify, ingest
-from .blocks import default_workers, map_blocks, warm_up
+from .blocks import PRELOAD, default_workers, map_blocks, warm_up
 from .config import CategoryConfig, DetectionConfig
 from .detect.registry import get_detector
 from .grid import Block, Grid
@@ -127,11 +127,12 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
     stage = timings.stage if timings is not None else (lambda _n: nullcontext())
     n_workers = workers or default_workers()
     if scheduler is None and n_workers > 1 and grid.n_blocks(block_size) > 1:
-        warm_up([__name__])  # worker start-up (imports) overlaps the alignment
+        warm_up(PRELOAD)  # worker start-up (imports) overlaps the alignment
     with stage("align"):
         params = align.fit_alignment(before, after, grid, coregister=detection.coregister,
                                      normalize=detection.normalize,
-                                     max_shift_px=detection.max_shift_px)
+                                     max_shift_px=detection.max_shift_px,
+                                     workers=n_workers, scheduler=scheduler)
         log.info("alignment: shift %s px, gain %s", params.shift_px,
                  np.round(np.asarray(params.gain), 3).tolist())
     det = _detector(detection.method, params.roles, grid.res)

@@ -30,6 +30,10 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THRE
               "GDAL_CACHEMAX": "64"}
 
 
+#: modules the local workers import once, in the fork server (the block and chip tasks)
+PRELOAD = ("pipeline.batch", "pipeline.chips")
+
+
 def _init_worker(job: Any) -> None:
     global _JOB
     _JOB = job

@@ -17,6 +17,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape as xml_escape
@@ -416,8 +417,6 @@ def _write_all_evidence(patches: gpd.GeoDataFrame, folder: Path, pairs: ChipPair
                         min_size_m: float, panel_px: int) -> list[Any]:
     """Evidence for every violation patch (the ones field teams visit); returns the relative
     paths (None for other_change and where a chip failed)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     recs = patches.to_dict("records")
     todo = [i for i, r in enumerate(recs) if r["category"] in VIOLATIONS]
     bounds = [chip_bounds(recs[i]["geometry"], min_size_m=min_size_m) for i in todo]
@@ -524,7 +523,10 @@ def export_all(outdir: str | Path, patches: gpd.GeoDataFrame, *,
     run_id = str(manifest.get("run_id") or _first(patches, "run_id") or outdir.name)
     patches = _ensure_ids(patches.reset_index(drop=True), run_id)
     rel: dict[str, str] = {}
-    with staging_dir(outdir) as stage:
+    with staging_dir(outdir) as stage, ThreadPoolExecutor(1) as bg:
+        # the COG (GDAL, outside the GIL) is written while the evidence is made
+        cog = (bg.submit(write_cog, change_tif, stage / "change.tif", blocksize=cog_blocksize)
+               if change_tif is not None else None)
         if chip_pairs is None and before_chip is not None and after_chip is not None:
             chip_pairs = _pairs_from(before_chip, after_chip)
         if chip_pairs is not None and (out_cfg is None or out_cfg.evidence):
@@ -540,8 +542,8 @@ def export_all(outdir: str | Path, patches: gpd.GeoDataFrame, *,
         rel["geojson"] = "patches.geojson"
         write_gpkg(patches, stage / "patches.gpkg")
         rel["gpkg"] = "patches.gpkg"
-        if change_tif is not None:
-            write_cog(change_tif, stage / "change.tif", blocksize=cog_blocksize)
+        if cog is not None:
+            cog.result()
             rel["cog"] = "change.tif"
             if extent is None:
                 with rasterio.open(change_tif) as src:

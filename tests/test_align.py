@@ -79,6 +79,8 @@ def test_shift_sign_end_to_end_with_read_block(make_raster, texture) -> None:
     params = fit_alignment(b_src, a_src, grid)
     assert params.shift_px == pytest.approx((dx, dy), abs=0.2)
     assert params.n_shift_windows >= 4
+    # the windows read on two worker processes give exactly the same estimate
+    assert fit_alignment(b_src, a_src, grid, workers=2) == params
     assert np.allclose(params.gain, 1 / gain, atol=0.03)
     assert np.allclose(params.offset, -offset / gain, atol=0.01)
 

@@ -17,6 +17,14 @@ workers_opt = click.option("--workers", type=click.IntRange(1), default=None,
                            help="Local worker processes (default: all cores).")
 
 
+def _start_workers(scheduler: str | None, workers: int | None) -> None:
+    """Start the local workers' fork server first: its imports overlap the job's own."""
+    if scheduler is None and workers != 1:
+        from ..blocks import PRELOAD, warm_up
+
+        warm_up(PRELOAD)
+
+
 def parse_bands(text: str | None) -> dict[str, int] | None:
     """``red=3,green=2,blue=1,nir=4`` -> {"red": 3, ...}; one-line error on bad syntax."""
     if not text:
@@ -39,6 +47,7 @@ def parse_bands(text: str | None) -> dict[str, int] | None:
 @click.option("--run-id", default=None, help="Run identifier (default: derived from time).")
 def run(config: Path, scheduler: str | None, workers: int | None, run_id: str | None) -> None:
     """Scheduled batch run over the periods CONFIG names; writes runs/<run_id>/."""
+    _start_workers(scheduler, workers)
     from .. import jobs
 
     out = jobs.run(config, scheduler=scheduler, workers=workers, run_id=run_id)
@@ -61,6 +70,7 @@ def run(config: Path, scheduler: str | None, workers: int | None, run_id: str | 
 def compare(before: Path, after: Path, outdir: Path, config: Path | None, bands: str | None,
             rules: Path | None, scheduler: str | None, workers: int | None) -> None:
     """Detect change between one BEFORE and one AFTER image (no register)."""
+    _start_workers(scheduler, workers)
     from .. import jobs
 
     out = jobs.compare(before, after, outdir, config=config, bands=parse_bands(bands),
