@@ -1,14 +1,14 @@
 """Before/after RGB chips for the evidence PNGs, read on the aligned grid.
 
 Each chip is a small window read through :func:`pipeline.align.read_aligned_block` (same shift
-and radiometry as detection) and stretched for display. Many chips are read in batches on the
-block workers (local processes or Dask), in the order asked for: reading and decompressing
-the windows is most of the cost of evidence, and it parallelises.
+and radiometry as detection) and stretched for display. Evidence for many patches is read,
+drawn and PNG-encoded in batches on the block workers (local processes or Dask) and handed
+back in the order asked for; the export stage writes the bytes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,6 @@ from rasterio.windows import Window
 
 from . import align, ingest
 from .blocks import default_workers, map_blocks
-from .errors import TubanError
 from .grid import Grid
 
 BBox = tuple[float, float, float, float]
@@ -51,52 +50,51 @@ def read_pair(job: ChipJob, bounds: BBox) -> Pair:
     return stretch_rgb(b[rgb], valid), stretch_rgb(a[rgb], valid)
 
 
-def _batch(job: ChipJob, item: tuple[int, list[BBox]]) -> tuple[int, list[Pair | str]]:
-    """One task: the chips of a batch, or the reason one could not be read."""
-    out: list[Pair | str] = []
-    for b in item[1]:
-        try:
-            out.append(read_pair(job, b))
-        except (TubanError, OSError, ValueError) as err:
-            out.append(str(err))
-    return item[0], out
+def _render_batch(job: ChipJob, item: tuple[int, list[tuple[dict, BBox]], int],
+                  ) -> tuple[int, list[bytes | str]]:
+    """One task: the evidence PNGs of a batch of ``(patch, bounds)``."""
+    from .export import render_all
+
+    start, items, panel_px = item
+    return start, list(render_all(items, panel_px, *_readers(job)))
+
+
+def _readers(job: ChipJob) -> tuple[Callable[[BBox], np.ndarray], Callable[[BBox], np.ndarray]]:
+    last: dict[BBox, Pair] = {}
+
+    def pair(b: BBox) -> Pair:
+        if b not in last:
+            last.clear()
+            last[b] = read_pair(job, b)
+        return last[b]
+    return (lambda b: pair(b)[0]), (lambda b: pair(b)[1])
 
 
 class ChipSource:
-    """Chips of one before/after pair; ``pairs`` reads many on the workers."""
+    """Chips of one before/after pair; ``evidence`` renders many PNGs on the workers."""
 
     def __init__(self, before: ingest.ImageSource, after: ingest.ImageSource, grid: Grid,
                  params: align.AlignParams, *, workers: int | None = None,
                  scheduler: str | None = None) -> None:
         self.job = ChipJob(before, after, grid, params)
         self.workers, self.scheduler = workers, scheduler
-        self._last: tuple[BBox, Pair] | None = None
+        self.before_chip, self.after_chip = _readers(self.job)
 
-    def _read(self, bounds: BBox) -> Pair:
-        if self._last is None or self._last[0] != bounds:
-            self._last = (bounds, read_pair(self.job, bounds))
-        return self._last[1]
-
-    def before_chip(self, bounds: BBox) -> np.ndarray:
-        return self._read(bounds)[0]
-
-    def after_chip(self, bounds: BBox) -> np.ndarray:
-        return self._read(bounds)[1]
-
-    def pairs(self, bounds: list[BBox]) -> Iterator[Pair | str]:
-        """Chips for every bounds, in order; a string (the error) where one failed."""
+    def evidence(self, items: list[tuple[dict, BBox]], panel_px: int,
+                 ) -> Iterator[bytes | str]:
+        """Evidence PNGs for ``(patch, bounds)`` items, in order (see
+        :data:`pipeline.export.EvidenceRenderer`): read, drawn and encoded on the workers."""
         n = self.workers or default_workers()
-        if self.scheduler is None and (n <= 1 or len(bounds) < PARALLEL_MIN):
-            for _, got in map(lambda b: _batch(self.job, (0, [b])), bounds):
-                yield got[0]
+        if self.scheduler is None and (n <= 1 or len(items) < PARALLEL_MIN):
+            yield from _render_batch(self.job, (0, items, panel_px))[1]
             return
-        batches = [(i, bounds[i:i + BATCH]) for i in range(0, len(bounds), BATCH)]
+        batches = [(i, items[i:i + BATCH], panel_px) for i in range(0, len(items), BATCH)]
         done: dict[int, list[Any]] = {}
         nxt = 0
-        for _, (start, got) in map_blocks(_batch, self.job, batches, workers=self.workers,
-                                          scheduler=self.scheduler):
+        for _, (start, got) in map_blocks(_render_batch, self.job, batches,
+                                          workers=self.workers, scheduler=self.scheduler):
             done[start] = got
-            while nxt in done:  # hand chips over in order as soon as they are contiguous
+            while nxt in done:  # hand PNGs over in order as soon as they are contiguous
                 chunk = done.pop(nxt)
                 yield from chunk
                 nxt += len(chunk)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape as xml_escape
@@ -46,8 +48,9 @@ log = logging.getLogger(__name__)
 
 #: Returns an RGB uint8 ``(h, w, 3)`` chip (already stretched) for bounds in the working CRS.
 ChipReader = Callable[[BBox], np.ndarray]
-#: many chip pairs at once, in order; a string (the error) where one failed
-ChipPairs = Callable[[list[BBox]], Iterator[tuple[np.ndarray, np.ndarray] | str]]
+#: renders the evidence PNGs of many ``(patch, chip bounds)`` at a panel width, in order;
+#: the error message instead of the PNG where a chip cannot be read (see pipeline.chips)
+EvidenceRenderer = Callable[[list[tuple[dict[str, Any], BBox]], int], Iterator[bytes | str]]
 
 #: Patch-record fields in output order (extra columns follow).
 PATCH_FIELDS: tuple[str, ...] = (
@@ -352,6 +355,7 @@ _CJK_FONTS = ("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
               "C:/Windows/Fonts/msyh.ttc", "/System/Library/Fonts/PingFang.ttc")
 
 
+@lru_cache(maxsize=8)
 def _font(size: int) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, bool]:
     """A font, and whether it can render Chinese."""
     for p in _CJK_FONTS:
@@ -372,15 +376,14 @@ def _panel(chip: np.ndarray, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(a, "RGB").resize(size, Image.Resampling.BILINEAR)
 
 
-def write_evidence(patch: Mapping[str, Any], before_chip: np.ndarray, after_chip: np.ndarray,
-                   path: str | Path, *, bounds: BBox, panel_px: int = 256) -> None:
-    """Write a before|after PNG with the patch outline on both and a caption strip.
+def render_evidence(patch: Mapping[str, Any], before_chip: np.ndarray, after_chip: np.ndarray,
+                    *, bounds: BBox, panel_px: int = 256) -> bytes:
+    """A before|after PNG (bytes) with the patch outline on both and a caption strip (pure).
 
     Args:
         patch: The patch record with ``geometry`` in the working CRS (a GeoDataFrame row).
         before_chip: RGB uint8 ``(h, w, 3)`` covering ``bounds`` on the before date.
         after_chip: The same on the after date.
-        path: Destination PNG.
         bounds: The chips' bounds in the working CRS (see :func:`chip_bounds`).
         panel_px: Width of each panel in pixels.
     """
@@ -409,45 +412,57 @@ def write_evidence(patch: Mapping[str, Any], before_chip: np.ndarray, after_chip
              f"{jsonable(patch.get('after_date')) or '?'}")
     draw.text((6, ph + 5), line1, fill=(0, 0, 0), font=font)
     draw.text((6, ph + 24), line2, fill=(60, 60, 60), font=font)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)  # speed over bytes: one per patch
+    return buf.getvalue()
+
+
+def write_evidence(patch: Mapping[str, Any], before_chip: np.ndarray, after_chip: np.ndarray,
+                   path: str | Path, *, bounds: BBox, panel_px: int = 256) -> None:
+    """Write :func:`render_evidence` to ``path`` (atomically)."""
+    data = render_evidence(patch, before_chip, after_chip, bounds=bounds, panel_px=panel_px)
     with atomic_write(path) as tmp:
-        img.save(tmp, format="PNG", compress_level=1)  # speed over bytes: one per patch
+        tmp.write_bytes(data)
 
 
-def _write_all_evidence(patches: gpd.GeoDataFrame, folder: Path, pairs: ChipPairs, *,
+
+
+#: what a worker needs of a patch to draw its evidence
+EVIDENCE_FIELDS = ("patch_id", "category", "category_zh", "status", "area_m2", "confidence",
+                   "before_date", "after_date", "geometry")
+
+
+def _write_all_evidence(patches: gpd.GeoDataFrame, folder: Path, render: EvidenceRenderer, *,
                         min_size_m: float, panel_px: int) -> list[Any]:
     """Evidence for every violation patch (the ones field teams visit); returns the relative
     paths (None for other_change and where a chip failed)."""
     recs = patches.to_dict("records")
     todo = [i for i, r in enumerate(recs) if r["category"] in VIOLATIONS]
-    bounds = [chip_bounds(recs[i]["geometry"], min_size_m=min_size_m) for i in todo]
+    items = [({k: recs[i].get(k) for k in EVIDENCE_FIELDS},
+              chip_bounds(recs[i]["geometry"], min_size_m=min_size_m)) for i in todo]
     rel: list[Any] = [None] * len(recs)
-    # chips arrive in order (read on the workers); drawing and PNG encoding (Pillow releases
-    # the GIL) run in two threads, at most a few chips ahead so memory stays small
-    with ThreadPoolExecutor(2) as pool:
-        pending: list[Any] = []
-        for i, b, chips in zip(todo, bounds, pairs(bounds), strict=True):
-            pid = str(recs[i]["patch_id"])
-            if isinstance(chips, str):
-                warnings.warn(f"{pid}: no evidence chip ({chips})", TubanWarning, stacklevel=2)
-                continue
-            pending.append(pool.submit(write_evidence, recs[i], *chips, folder / f"{pid}.png",
-                                       bounds=b, panel_px=panel_px))
-            if len(pending) >= 8:
-                pending.pop(0).result()
-            rel[i] = f"evidence/{pid}.png"
-        for f in pending:
-            f.result()
+    for i, png in zip(todo, render(items, panel_px), strict=True):
+        pid = str(recs[i]["patch_id"])
+        if isinstance(png, str):
+            warnings.warn(f"{pid}: no evidence chip ({png})", TubanWarning, stacklevel=2)
+            continue
+        with atomic_write(folder / f"{pid}.png") as tmp:
+            tmp.write_bytes(png)
+        rel[i] = f"evidence/{pid}.png"
     return rel
 
 
-def _pairs_from(before: ChipReader, after: ChipReader) -> ChipPairs:
-    def pairs(bounds: list[BBox]) -> Iterator[tuple[np.ndarray, np.ndarray] | str]:
-        for b in bounds:
-            try:
-                yield before(b), after(b)
-            except (TubanError, OSError, ValueError) as err:
-                yield str(err)
-    return pairs
+def render_all(items: Sequence[tuple[Mapping[str, Any], BBox]], panel_px: int,
+               before: ChipReader, after: ChipReader) -> Iterator[bytes | str]:
+    """:func:`render_evidence` for each ``(patch, bounds)`` in order, with chips from the two
+    readers; the error message instead where a chip cannot be read."""
+    for rec, b in items:
+        try:
+            chips = before(b), after(b)
+        except (TubanError, OSError, ValueError) as err:
+            yield str(err)
+            continue
+        yield render_evidence(rec, *chips, bounds=b, panel_px=panel_px)
 
 
 # --------------------------------------------------------------------------- manifest/report
@@ -490,7 +505,7 @@ def export_all(outdir: str | Path, patches: gpd.GeoDataFrame, *,
                change_tif: str | Path | None = None,
                before_chip: ChipReader | None = None,
                after_chip: ChipReader | None = None,
-               chip_pairs: ChipPairs | None = None,
+               evidence: EvidenceRenderer | None = None,
                config: PipelineConfig | None = None,
                extent: BBox | None = None,
                cog_blocksize: int = 512) -> dict[str, Path]:
@@ -506,8 +521,8 @@ def export_all(outdir: str | Path, patches: gpd.GeoDataFrame, *,
         before_chip: Chip reader for the before date; evidence is written when both readers
             are given (and ``config.output.evidence`` is not false).
         after_chip: Chip reader for the after date.
-        chip_pairs: Instead of the two readers: reads many (before, after) chip pairs in
-            order, yielding the error message where one failed (see :mod:`pipeline.chips`).
+        evidence: Instead of the two readers: renders many evidence PNGs at once (e.g. on
+            the block workers, :meth:`pipeline.chips.ChipSource.evidence`).
         config: Supplies category priorities, output switches, chip size and the title.
         extent: Scene extent in the working CRS for the report map (default: change_tif's).
         cog_blocksize: COG tile size.
@@ -527,14 +542,14 @@ def export_all(outdir: str | Path, patches: gpd.GeoDataFrame, *,
         # the COG (GDAL, outside the GIL) is written while the evidence is made
         cog = (bg.submit(write_cog, change_tif, stage / "change.tif", blocksize=cog_blocksize)
                if change_tif is not None else None)
-        if chip_pairs is None and before_chip is not None and after_chip is not None:
-            chip_pairs = _pairs_from(before_chip, after_chip)
-        if chip_pairs is not None and (out_cfg is None or out_cfg.evidence):
+        if evidence is None and before_chip is not None and after_chip is not None:
+            evidence = partial(render_all, before=before_chip, after=after_chip)
+        if evidence is not None and (out_cfg is None or out_cfg.evidence):
             res = float(config.resolution) if config else float(
                 _first(patches, "resolution_m") or 1.0)
             px = out_cfg.chip_size_px if out_cfg else 96
             patches["evidence"] = _write_all_evidence(
-                patches, stage / "evidence", chip_pairs, min_size_m=px * res, panel_px=max(256, px))
+                patches, stage / "evidence", evidence, min_size_m=px * res, panel_px=max(256, px))
             rel["evidence"] = "evidence"
         elif "evidence" not in patches:
             patches["evidence"] = None

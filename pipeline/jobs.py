@@ -89,7 +89,7 @@ def _finish(out_dir: Path, change_tif: Path, *, cfg: PipelineConfig, grid: Grid,
     with timings.stage("export"):
         manifest["timings_s"] = timings
         export.export_all(out_dir, patches, manifest=manifest, change_tif=change_tif,
-                          chip_pairs=chips.pairs, config=cfg, extent=grid.bounds)
+                          evidence=chips.evidence, config=cfg, extent=grid.bounds)
     if candidates is not None:  # checkpoint for `tuban track RUN_DIR`
         export.write_gpkg(candidates, out_dir / WORK / "candidates.gpkg")
 
@@ -357,7 +357,7 @@ def _reexport(run: FinishedRun, patches: gpd.GeoDataFrame, stage: str) -> Path:
             manifest["timings_s"] = timings
             export.export_all(run.dir, patches.drop(columns=["evidence"], errors="ignore"),
                               manifest=manifest, change_tif=change,
-                              chip_pairs=chips.pairs, config=run.cfg, extent=run.grid.bounds)
+                              evidence=chips.evidence, config=run.cfg, extent=run.grid.bounds)
     return run.dir
 
 

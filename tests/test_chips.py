@@ -1,10 +1,14 @@
-"""Evidence chips: read on the workers, handed over in the order asked for."""
+"""Evidence: chips read, drawn and encoded on the workers, handed over in the order asked for."""
 
 from __future__ import annotations
 
-import numpy as np
+import io
 
-from pipeline import align, ingest
+import numpy as np
+import shapely
+from PIL import Image
+
+from pipeline import align, export, ingest
 from pipeline.chips import PARALLEL_MIN, ChipJob, ChipSource, read_pair
 
 
@@ -27,15 +31,19 @@ def test_parallel_chips_equal_sequential_reads_in_order(make_raster, texture) ->
     # different sizes, so that any reordering shows as a shape mismatch
     bounds = [(x0 + 5 * i, y0 - 60 - 3 * i, x0 + 40 + 6 * i, y0 - 5 * i)
               for i in range(PARALLEL_MIN + 5)]
-    src = ChipSource(before, after, grid, params, workers=2)
-    got = list(src.pairs(bounds))
-    assert len(got) == len(bounds)
+    items = [({"patch_id": f"P{i}", "category": "illegal_construction",
+               "geometry": shapely.box(b[0] + 2, b[1] + 2, b[2] - 2, b[3] - 2)}, b)
+             for i, b in enumerate(bounds)]
+    got = list(ChipSource(before, after, grid, params, workers=2).evidence(items, 64))
+    assert len(got) == len(items)
     job = ChipJob(before, after, grid, params)
-    for b, pair in zip(bounds, got, strict=True):
-        want = read_pair(job, b)
-        assert pair[0].shape == want[0].shape and pair[0].dtype == np.uint8
-        np.testing.assert_array_equal(pair[0], want[0])
-        np.testing.assert_array_equal(pair[1], want[1])
+    want = export.render_all(items, 64, lambda b: read_pair(job, b)[0],
+                             lambda b: read_pair(job, b)[1])
+    for png, ref in zip(got, want, strict=True):
+        assert png == ref  # byte for byte: same chips, same drawing, same order
+    # panels of 64 px keep each chip's aspect ratio: the heights differ, so order shows
+    heights = [Image.open(io.BytesIO(p)).height for p in got]
+    assert len(set(heights)) > 5
     # the roof (40 px in a 120 px chip) stands out after, not before
     b_chip, a_chip = read_pair(job, (x0 + 60, y0 - 180, x0 + 180, y0 - 60))
     assert a_chip.shape == (120, 120, 3)
