@@ -97,6 +97,16 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
         f.flush()
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` to disk, many at once (files written into a staging
+    folder need not be atomic one by one: the folder is published as a whole)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [p for p in root.rglob("*") if p.is_file()]
+    with ThreadPoolExecutor(min(8, max(1, len(files)))) as pool:
+        list(pool.map(_fsync_path, files))
+
+
 def _merge_tree(src: Path, dst: Path, last: Sequence[str]) -> None:
     """Move every file under ``src`` into ``dst`` with ``os.replace``; ``last`` names go last."""
     files = sorted(p for p in src.rglob("*") if p.is_file() or p.is_symlink())
@@ -118,10 +128,11 @@ def _merge_tree(src: Path, dst: Path, last: Sequence[str]) -> None:
 def staging_dir(final_dir: str | Path, *, last: Sequence[str] = ("run.json",)) -> Iterator[Path]:
     """Yield a sibling staging folder whose files move into ``final_dir`` only on success.
 
-    On success every file is moved into ``final_dir`` (created if needed; existing files are
-    replaced, subfolders merged), files named in ``last`` (relative paths) are moved after all
-    others, and the staging folder is removed. On failure the staging folder is removed and
-    ``final_dir`` is left untouched.
+    On success every file is flushed to disk and moved into ``final_dir``: a new
+    ``final_dir`` is the staging folder renamed; into an existing one existing files are
+    replaced, subfolders merged, and files named in ``last`` (relative paths) are moved after
+    all others. Files written into the staging folder need no atomic writes of their own.
+    On failure the staging folder is removed and ``final_dir`` is left untouched.
 
     Args:
         final_dir: The output folder.
@@ -136,6 +147,14 @@ def staging_dir(final_dir: str | Path, *, last: Sequence[str] = ("run.json",)) -
     stage.mkdir()
     try:
         yield stage
+        _fsync_tree(stage)
+        if not final_dir.exists():
+            try:  # a new folder: one rename publishes everything at once
+                os.rename(stage, final_dir)
+                _fsync_path(final_dir.parent)
+                return
+            except OSError:
+                pass  # created meanwhile: merge into it
         final_dir.mkdir(exist_ok=True)
         _merge_tree(stage, final_dir, last)
     finally:

@@ -24,7 +24,7 @@ from affine import Affine
 
 from . import __version__, align, export, ingest, persistence
 from .batch import PairResult, detect_pair
-from .blocks import default_workers
+from .blocks import close_dask_clients, default_workers
 from .chips import ChipSource
 from .config import PipelineConfig, config_from_dict, load_config
 from .errors import InputError, MissingFileError, OutputExistsError
@@ -238,10 +238,14 @@ def run(config: str | Path, *, scheduler: str | None = None, workers: int | None
         raise OutputExistsError(f"{out_dir}: run {run_id} already finished; choose another "
                                 "--run-id or delete the folder")
     register = cfg.path(cfg.register_path) if cfg.register_path else None
-    return _pipeline(cfg, sources, out_dir, run_id=run_id, scheduler=scheduler,
-                     workers=workers, register=register, timings=timings,
-                     extra={"job": "run", "config_path": str(Path(config))},
-                     report=report, spans=spans)
+    try:
+        return _pipeline(cfg, sources, out_dir, run_id=run_id, scheduler=scheduler,
+                         workers=workers, register=register, timings=timings,
+                         extra={"job": "run", "config_path": str(Path(config))},
+                         report=report, spans=spans)
+    finally:
+        if scheduler:  # a client per job: nothing stays connected after it
+            close_dask_clients()
 
 
 def _auto_grid(before: ingest.ImageSource, after: ingest.ImageSource) -> tuple[str, float]:
@@ -294,9 +298,13 @@ def compare(before_path: str | Path, after_path: str | Path, outdir: str | Path,
             data["admin"] = absolute(base_cfg.admin)
     cfg = config_from_dict(data, Path(config or "compare"), Path.cwd())
     run_id = new_run_id("compare", "pair")
-    return _pipeline(cfg, [before, after], Path(outdir), run_id=run_id, scheduler=scheduler,
-                     workers=workers, register=None, timings=timings,
-                     extra={"job": "compare"})
+    try:
+        return _pipeline(cfg, [before, after], Path(outdir), run_id=run_id, scheduler=scheduler,
+                         workers=workers, register=None, timings=timings,
+                         extra={"job": "compare"})
+    finally:
+        if scheduler:  # a client per job: nothing stays connected after it
+            close_dask_clients()
 
 
 def _rules_from_dir(d: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -74,10 +74,23 @@ def test_staging_dir_moves_manifest_last(tmp_path: Path, monkeypatch: pytest.Mon
         real(a, b)
 
     monkeypatch.setattr(atomic.os, "replace", spy)
+    (tmp_path / "out").mkdir()  # an existing folder (a rerun): merged file by file
     with staging_dir(tmp_path / "out") as stage:
         for name in ("run.json", "a.txt", "z.txt"):
             (stage / name).write_text(name)
     assert moved[-1] == "run.json" and set(moved) == {"run.json", "a.txt", "z.txt"}
+
+
+def test_staging_dir_publishes_a_new_folder_in_one_rename(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(atomic.os, "replace", lambda *a: pytest.fail("moved file by file"))
+    with staging_dir(tmp_path / "out") as stage:
+        (stage / "evidence").mkdir()
+        (stage / "evidence" / "p1.png").write_bytes(b"png")
+        (stage / "run.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (tmp_path / "out" / "evidence" / "p1.png").read_bytes() == b"png"
+    assert (tmp_path / "out" / "run.json").read_text() == "{}"
 
 
 def test_staging_dir_failure_leaves_final_untouched(tmp_path: Path) -> None:

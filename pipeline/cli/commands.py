@@ -18,10 +18,13 @@ workers_opt = click.option("--workers", type=click.IntRange(1), default=None,
 
 
 def _start_workers(scheduler: str | None, workers: int | None) -> None:
-    """Start the local workers' fork server first: its imports overlap the job's own."""
-    if scheduler is None and workers != 1:
-        from ..blocks import PRELOAD, warm_up
+    """Start the local workers' fork server, or connect to the Dask cluster, first: the
+    workers' imports overlap the job's own."""
+    from ..blocks import PRELOAD, dask_client, warm_up
 
+    if scheduler is not None:
+        dask_client(scheduler)
+    elif workers != 1:
         warm_up(PRELOAD)
 
 
