@@ -178,6 +178,26 @@ class _Objects:
     def values(self, layer: np.ndarray) -> np.ndarray:
         return layer.ravel()[self.idx]
 
+    def interior(self) -> np.ndarray:
+        """Per labelled pixel: all 8 neighbours labelled too (a 3×3 binary erosion of the
+        labelled area, outside the array counting as unlabelled)."""
+        h, w = self.shape
+        r, c = np.divmod(self.idx, w)
+        sel = np.flatnonzero((r > 0) & (r < h - 1) & (c > 0) & (c < w - 1))
+        labelled = np.zeros(h * w, bool)
+        labelled[self.idx] = True
+        for off in (-w - 1, -w, -w + 1, -1, 1, w - 1, w, w + 1):
+            sel = sel[labelled[self.idx[sel] + off]]
+        out = np.zeros(self.idx.size, bool)
+        out[sel] = True
+        return out
+
+    def first(self) -> np.ndarray:
+        """(row, col) of each label's first pixel in raster order ((0, 0) for absent ones)."""
+        first = np.full(self.n + 1, -1, np.int64)
+        first[self.lab[::-1]] = self.idx[::-1]  # reversed: the smallest index per label wins
+        return np.stack(np.unravel_index(np.maximum(first, 0), self.shape), axis=1)
+
     def count(self) -> np.ndarray:
         return np.bincount(self.lab, minlength=self.n + 1)
 
@@ -185,7 +205,11 @@ class _Objects:
         """Per-object nan-aware mean (NaN where the object has no finite value; [0] = NaN)."""
         if layer is None:
             return np.full(self.n + 1, np.nan)
-        v = self.values(layer).astype(np.float64)
+        return self.means_of(self.values(layer))
+
+    def means_of(self, values: np.ndarray) -> np.ndarray:
+        """:meth:`means` of values already gathered per labelled pixel."""
+        v = values.astype(np.float64)
         ok = np.isfinite(v)
         lab = self.lab if ok.all() else self.lab[ok]
         if not ok.all():
@@ -225,9 +249,10 @@ def _parcel_fill(lab: np.ndarray, n: int, parcel: np.ndarray | None,
 
 
 def _object_features(ev: dict[str, np.ndarray], masks: dict[str, np.ndarray], valid: np.ndarray,
-                     lab: np.ndarray, n: int, res_m: float) -> dict[str, np.ndarray]:
+                     lab: np.ndarray, n: int, res_m: float,
+                     objs: _Objects | None = None) -> dict[str, np.ndarray]:
     """Per-object (index = label) means of evidence and fractions on each rule layer."""
-    objs = _Objects(lab, n)
+    objs = objs or _Objects(lab, n)
     f: dict[str, np.ndarray] = {"n": objs.count().astype(float)}
     f["change"] = objs.means(ev["change"])
     # spectral states from the confidently changed pixels: the grown rim mixes in the surround
@@ -245,8 +270,7 @@ def _object_features(ev: dict[str, np.ndarray], masks: dict[str, np.ndarray], va
         k = max(1, round(MASK_EDGE_M / res_m))
         near = ndi.binary_dilation(~valid, iterations=k) & valid
         f["f_edge"] = np.nan_to_num(objs.means(near))
-    core = ndi.binary_erosion(lab > 0, structure=np.ones((3, 3), bool))
-    f["core"] = np.nan_to_num(objs.means(core))
+    f["core"] = np.nan_to_num(objs.means_of(objs.interior()))
     return f
 
 
@@ -261,14 +285,15 @@ def _illumination(g: dict[str, float]) -> bool:
 
 
 def _cloud_pieces(ev: dict[str, np.ndarray], whole: np.ndarray, lab: np.ndarray, n: int,
-                  res_m: float) -> np.ndarray:
+                  res_m: float, objs: _Objects | None = None) -> np.ndarray:
     """Per piece (label of ``lab``): 1.0 when its whole, unsplit object looks like a cloud.
 
     Large (>= ``CLOUD_MIN_M2``), very bright (visible >= ``CLOUD_BRIGHT``), spectrally flat and
     unvegetated (NDVI < 0.1; no test without NIR) after state: a cloud the mask missed.
     """
-    m = int(whole.max())
-    objs = _Objects(whole, m)
+    same = whole is lab  # no object split by parcels: pieces are the objects
+    m = n if same else int(whole.max())
+    objs = objs if same and objs is not None else _Objects(whole, m)
     seed = objs.subset(objs.values(ev["change"]) >= P_SEED)
     g = {k: seed.means(ev.get(k)) for k in
          ("bright_after", "chroma_blue_after", "chroma_red_after", "ndvi_after")}
@@ -278,6 +303,8 @@ def _cloud_pieces(ev: dict[str, np.ndarray], whole: np.ndarray, lab: np.ndarray,
                 & (np.abs(g["chroma_red_after"] - 1 / 3) < 0.04))
         cloud = ((area >= CLOUD_MIN_M2) & (g["bright_after"] >= CLOUD_BRIGHT) & flat
                  & ~(g["ndvi_after"] >= 0.1))
+    if same:
+        return cloud.astype(float)
     parent = np.zeros(n + 1, np.int64)
     parent[lab.ravel()] = whole.ravel()
     return cloud[parent].astype(float)
@@ -372,7 +399,7 @@ def classify_block(evidence: dict[str, np.ndarray], rule_masks: dict[str, np.nda
         :class:`BlockClassification` ``(category, confidence, excluded)``.
     """
     valid = valid.astype(bool)
-    p = np.where(valid, np.nan_to_num(evidence["change"].astype(np.float32)), 0.0)
+    p = np.where(valid, evidence["change"], np.float32(0.0))  # NaN is never above a level
     mask = hysteresis(p, P_GROW, P_SEED) & valid
     whole, n = label(mask, connectivity=2, return_num=True)
     lab = whole
@@ -382,10 +409,11 @@ def classify_block(evidence: dict[str, np.ndarray], rule_masks: dict[str, np.nda
     conf = np.zeros(valid.shape, np.float32)
     excluded: Counter[str] = Counter()
     if n:
-        f = _object_features(evidence, rule_masks, valid, lab, n, res_m)
-        f["cloud"] = _cloud_pieces(evidence, whole, lab, n, res_m)
+        objs = _Objects(lab, n)
+        f = _object_features(evidence, rule_masks, valid, lab, n, res_m, objs)
+        f["cloud"] = _cloud_pieces(evidence, whole, lab, n, res_m, objs)
         min_px = min(c.min_area_m2 for c in categories.values()) / (res_m * res_m)
-        anchors = _anchors(lab, n)
+        anchors = objs.first()
         codes = np.zeros(n + 1, np.uint8)
         confs = np.zeros(n + 1, np.float32)
         keys = list(f)
@@ -404,7 +432,8 @@ def classify_block(evidence: dict[str, np.ndarray], rule_masks: dict[str, np.nda
             if c < cfg.min_confidence:
                 continue
             codes[i], confs[i] = CATEGORY_CODES[name], c
-        cat, conf = codes[lab], confs[lab]
+        cat.flat[objs.idx] = codes[objs.lab]  # NO_CHANGE (0) and 0 elsewhere already
+        conf.flat[objs.idx] = confs[objs.lab]
     cat[~valid] = NOT_OBSERVED
     conf[~valid] = 0.0
     return BlockClassification(cat, conf.astype(np.float32), excluded)
@@ -453,16 +482,6 @@ def _split_by_parcel(lab: np.ndarray, parcel: np.ndarray) -> tuple[np.ndarray, i
         ok = cand & (lab[ri, ci] == lab)
         pieces = np.where(ok, near, pieces)
     return pieces, n
-
-
-def _anchors(lab: np.ndarray, n: int) -> np.ndarray:
-    """(row, col) of each object's first pixel in raster order."""
-    flat = lab.ravel()
-    order = np.flatnonzero(flat)
-    first = np.full(n + 1, -1, np.int64)
-    # reversed assignment leaves the smallest index per label
-    first[flat[order[::-1]]] = order[::-1]
-    return np.stack(np.unravel_index(np.maximum(first, 0), lab.shape), axis=1)
 
 
 def _in_core(rc: np.ndarray, core: tuple[slice, slice]) -> bool:

@@ -223,3 +223,21 @@ def test_hysteresis_matches_skimage_and_keeps_only_seeded_regions() -> None:
     q[1, 1], q[2, 2], q[4, 4] = 0.9, 0.5, 0.5
     q[4, 3] = 0.5
     assert hysteresis(q, 0.4, 0.8).nonzero() == (np.array([1]), np.array([1]))
+
+
+def test_object_interior_and_first_pixel_match_whole_array_operations() -> None:
+    from skimage.measure import label
+
+    from pipeline.classify import _Objects
+
+    rng = np.random.default_rng(5)
+    m = ndi.gaussian_filter(rng.random((120, 90)), 2) > 0.5
+    m[0, :] = True  # objects touching the array edge
+    lab, n = label(m, connectivity=2, return_num=True)
+    objs = _Objects(lab, n)
+    core = ndi.binary_erosion(lab > 0, structure=np.ones((3, 3), bool))
+    np.testing.assert_array_equal(objs.interior(), core.ravel()[objs.idx])
+    assert 0 < objs.interior().sum() < objs.idx.size
+    for i in range(1, n + 1):
+        r, c = np.argwhere(lab == i)[0]  # argwhere is in raster order
+        assert tuple(objs.first()[i]) == (r, c)

@@ -60,7 +60,9 @@ SPARSE_TILE = 32
 #: object context (metres) that the classifier needs around a block, capped in pixels
 CONTEXT_M = 48.0
 MAX_CONTEXT_PX = 64
-#: layers every call returns (chroma_* only with red, green and blue)
+#: layers every call returns (chroma_* only with red, green and blue); ``exg_*`` and ``veg_*``
+#: are NaN where change is impossible (upper bound of ``change`` below :data:`SPARSE_CUT`):
+#: only changed objects read them
 EVIDENCE_KEYS: tuple[str, ...] = (
     "change", "score", "shape_score", "ratio_spread", "ndvi_before", "ndvi_after",
     "bright_before", "bright_after", "exg_before", "exg_after", "veg_before", "veg_after",
@@ -241,6 +243,13 @@ def _zero_invalid(d: np.ndarray, valid: np.ndarray) -> np.ndarray:
 _ntd = ntd
 
 
+def _scatter(values: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """A float32 array shaped like ``where``: ``values`` at its True pixels, NaN elsewhere."""
+    out = np.full(where.shape, np.nan, np.float32)
+    out[where] = values
+    return out
+
+
 def _active_tiles(mask: np.ndarray, tile: int) -> list[tuple[int, int]]:
     """Top-left corners of the ``tile``-px tiles holding a True of ``mask``."""
     h, w = mask.shape
@@ -291,7 +300,8 @@ def _nir_red(img: np.ndarray, f: dict[str, np.ndarray], inir: int, ired: int) ->
 
 
 def _features(img: np.ndarray, roles: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Per-date spectral evidence: brightness, NDVI, chromatic ExG, vegetation likelihood."""
+    """Per-date spectral evidence the score uses: brightness, NDVI, chromaticities, and the
+    chromatic excess green where there is no NIR (see :func:`_exg` and :func:`_veg`)."""
     zero = np.float32(0.0)
     band = {r: np.maximum(img[i], zero, dtype=np.float32) for i, r in enumerate(roles)}
     vis = [band[r] for r in _VISIBLE if r in band]
@@ -302,28 +312,48 @@ def _features(img: np.ndarray, roles: tuple[str, ...]) -> dict[str, np.ndarray]:
     else:
         bright = np.mean(vis or list(band.values()), axis=0).astype(np.float32)
     out: dict[str, np.ndarray] = {"bright": bright}
+    nir = "nir" in band and "red" in band
     if {"red", "green", "blue"} <= band.keys():
         s = band["red"] + band["green"] + band["blue"]
         den = np.maximum(s, np.float32(0.03), out=s)
-        exg = 2 * band["green"] - band["red"] - band["blue"]
-        exg /= den
-        out["exg"] = exg
+        if not nir:
+            exg = 2 * band["green"] - band["red"] - band["blue"]
+            exg /= den
+            out["exg"] = exg
         for r in _VISIBLE:
             out[f"chroma_{r}"] = np.divide(band[r], den)
-    else:
+    elif not nir:
         out["exg"] = np.full(bright.shape, np.nan, np.float32)
-    if "nir" in band and "red" in band:
+    if nir:
         out["_nir_red"] = band["nir"] + band["red"]  # for the score's NDVI noise floor
-        ndvi = _index(band["nir"], band["red"]).astype(np.float32, copy=False)
-        out["ndvi"] = ndvi
-        x = ndvi - np.float32(NDVI_VEG_MID)
-        x /= np.float32(NDVI_VEG_WIDTH)
-        out["veg"] = _sigmoid(x)
+        out["ndvi"] = _index(band["nir"], band["red"]).astype(np.float32, copy=False)
     else:
         out["ndvi"] = np.full(bright.shape, np.nan, np.float32)
-        exg = np.nan_to_num(out["exg"], nan=0.0)
-        out["veg"] = _sigmoid((exg - EXG_VEG_MID) / EXG_VEG_WIDTH)
     return out
+
+
+def _exg(img: np.ndarray, roles: tuple[str, ...]) -> np.ndarray:
+    """Chromatic excess green (2g - r - b) / (r + g + b) of ``(bands, n)`` pixels (NaN
+    without red, green and blue); the same arithmetic as :func:`_features`."""
+    if not set(_VISIBLE) <= set(roles):
+        return np.full(img.shape[1:], np.nan, np.float32)
+    zero = np.float32(0.0)
+    r, g, b = (np.maximum(img[roles.index(k)], zero, dtype=np.float32)
+               for k in ("red", "green", "blue"))
+    den = np.maximum(r + g + b, np.float32(0.03))
+    exg = 2 * g - r - b
+    exg /= den
+    return exg
+
+
+def _veg(ndvi: np.ndarray, exg: np.ndarray, nir: bool) -> np.ndarray:
+    """Vegetation likelihood 0..1: logistic on NDVI, or on chromatic excess green."""
+    if nir:
+        x = ndvi - np.float32(NDVI_VEG_MID)
+        x /= np.float32(NDVI_VEG_WIDTH)
+        return _sigmoid(x)
+    exg = np.nan_to_num(exg, nan=0.0)
+    return _sigmoid((exg - EXG_VEG_MID) / EXG_VEG_WIDTH)
 
 
 class SpectralDetector:
@@ -387,8 +417,10 @@ class SpectralDetector:
                 inir, ired = roles.index("nir"), roles.index("red")
                 nr = np.minimum(_nir_red(before, fb, inir, ired),
                                 _nir_red(after, fa, inir, ired))
-                sig = k * (np.float32(NOISE_INDEX)
-                           + np.float32(0.006) / np.maximum(nr, np.float32(0.005)))
+                sig = np.maximum(nr, np.float32(0.005), out=nr)
+                np.divide(np.float32(0.006), sig, out=sig)
+                sig += np.float32(NOISE_INDEX)
+                sig *= k
                 np.maximum(shape, ntd(fb["ndvi"], fa["ndvi"], valid, r) / sig, out=shape)
             elif set(_VISIBLE) <= set(roles):
                 sig = k * (np.float32(NOISE_INDEX) + np.float32(0.0015) / dark)
@@ -472,9 +504,15 @@ class SpectralDetector:
                     dst[r0:r1, c0:c1][sel] = src[k, m:m + r1 - r0, m:m + c1 - c0][sel]
         out: dict[str, np.ndarray] = {"change": change, "score": score,
                                       "shape_score": shape_score, "ratio_spread": spread}
-        for name in ("ndvi", "bright", "exg", "veg"):
-            out[f"{name}_before"] = fb[name].astype(np.float32, copy=False)
-            out[f"{name}_after"] = fa[name].astype(np.float32, copy=False)
+        # what only the classifier and the patch records read, on changed objects: computed
+        # where change is possible (``need``), NaN elsewhere
+        nir = {"nir", "red"} <= set(roles)
+        for tag, img, f in (("before", before, fb), ("after", after, fa)):
+            out[f"ndvi_{tag}"] = f["ndvi"]
+            out[f"bright_{tag}"] = f["bright"]
+            exg = f["exg"][need] if "exg" in f else _exg(img[:, need], roles)
+            out[f"exg_{tag}"] = _scatter(exg, need)
+            out[f"veg_{tag}"] = _scatter(_veg(f["ndvi"][need], exg, nir), need)
         for name in (c for c in fa if c.startswith("chroma_")):
             out[f"{name}_after"] = fa[name].astype(np.float32, copy=False)
         return out
