@@ -53,7 +53,27 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 
 def main() -> None:
-    cli(prog_name="tuban")
+    try:
+        cli(prog_name="tuban")
+        code: Any = 0
+    except SystemExit as done:
+        code = done.code
+    _exit(code)
+
+
+def _exit(code: Any) -> None:
+    """Exit without the interpreter's teardown: everything is written, flushed and closed by
+    now, and unloading some 1,500 modules and waiting for the worker fork server took 0.3 s
+    of a 4 s run. Dask clients are closed first; other exit handlers have nothing left."""
+    if "pipeline.blocks" in sys.modules:
+        sys.modules["pipeline.blocks"].close_dask_clients()
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 from . import commands  # noqa: E402,F401  (registers subcommands)
