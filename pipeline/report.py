@@ -108,7 +108,8 @@ class _Projector:
         h = max(y1 - y0, 1e-12)
         self.s = (width - 20) / max(w, h * 1.6)
         self.x0, self.y1 = x0, y1
-        self.width, self.height = width, int(h * self.s + 20)
+        # the frame fits the drawing (a square district is not drawn into a wide frame)
+        self.width, self.height = int(w * self.s + 20), int(h * self.s + 20)
 
     def __call__(self, lon: float, lat: float) -> tuple[float, float]:
         return (10 + (lon - self.x0) * self.k * self.s, 10 + (self.y1 - lat) * self.s)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -397,3 +398,21 @@ def test_export_all_with_config(tmp_path: Path, patches: gpd.GeoDataFrame) -> No
     assert cats[-2:] == ["forest_grave", "forest_grave"]  # priority 5 sorts last per office
     img = Image.open(tmp_path / "o" / "evidence" / f"{patches['patch_id'][0]}.png")
     assert img.size[0] == 2 * 256 + 4
+
+
+def test_report_map_frame_fits_the_drawing() -> None:
+    import re
+
+    from pipeline.report import render_svg
+
+    def frame(extent: tuple[float, float, float, float]) -> tuple[float, float]:
+        svg = render_svg({"type": "FeatureCollection", "features": []}, extent, width=720)
+        w, h = re.match(r'<svg width="(\d+)" height="(\d+)"', svg).groups()
+        return float(w), float(h)
+
+    lat = 23.0  # a square district in metres is ~cos(lat) narrower in degrees of longitude
+    k = math.cos(math.radians(lat))
+    w, h = frame((113.0, lat - 0.05, 113.0 + 0.1 / k, lat + 0.05))
+    assert abs(w - h) <= 2 and w < 720  # square, not a wide frame with the map on the left
+    w, h = frame((113.0, lat, 113.0 + 1.0 / k, lat + 0.1))  # wide: the full width
+    assert w == 720 and h < 100
