@@ -98,6 +98,17 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _json_column(col: pd.Series) -> list[Any]:
+    """:func:`jsonable` of every value of a column, a whole numeric column at a time."""
+    kind = col.dtype.kind if isinstance(col.dtype, np.dtype) else "O"  # not nullable ones
+    if kind == "f":
+        vals = col.to_numpy(dtype=float)
+        return [v if math.isfinite(v) else None for v in vals.tolist()]
+    if kind in "iub":
+        return col.tolist()
+    return [jsonable(v) for v in col.tolist()]
+
+
 def _ordered_columns(df: pd.DataFrame) -> list[str]:
     geom = df.geometry.name if isinstance(df, gpd.GeoDataFrame) else "geometry"
     cols = [c for c in PATCH_FIELDS if c in df.columns]
@@ -111,6 +122,22 @@ def _round_coords(coords: Any) -> Any:
     if isinstance(coords[0], int | float):
         return [round(float(c), _COORD_DECIMALS) for c in coords]
     return [_round_coords(c) for c in coords]
+
+
+def _ring_coords(poly: shapely.Polygon) -> list:
+    return [np.round(np.asarray(r.coords), _COORD_DECIMALS).tolist()
+            for r in (poly.exterior, *poly.interiors)]
+
+
+def _geojson_geometry(geom: shapely.Geometry) -> dict[str, Any]:
+    """GeoJSON geometry with coordinates rounded to ``_COORD_DECIMALS`` (whole rings at a
+    time for polygons: 110k patches)."""
+    if geom.geom_type == "Polygon":
+        return {"type": "Polygon", "coordinates": _ring_coords(geom)}
+    if geom.geom_type == "MultiPolygon":
+        return {"type": "MultiPolygon", "coordinates": [_ring_coords(p) for p in geom.geoms]}
+    m = shapely.geometry.mapping(geom)
+    return {"type": m["type"], "coordinates": _round_coords(m["coordinates"])}
 
 
 def to_rfc7946(patches: gpd.GeoDataFrame) -> dict[str, Any]:
@@ -127,14 +154,14 @@ def to_rfc7946(patches: gpd.GeoDataFrame) -> dict[str, Any]:
     wgs = patches.to_crs(4326) if len(patches) else patches.set_crs(4326, allow_override=True)
     geoms = shapely.orient_polygons(np.asarray(wgs.geometry.values), exterior_cw=False)
     cols = _ordered_columns(patches)
-    records = pd.DataFrame(patches[cols]).to_dict("records")
+    columns = [_json_column(patches[c]) for c in cols]
     feats = []
-    for rec, geom in zip(records, geoms, strict=True):
+    for row, geom in zip(zip(*columns, strict=True) if cols else ({},) * len(geoms), geoms,
+                         strict=True):
         gj = None
         if geom is not None and not geom.is_empty:
-            m = shapely.geometry.mapping(geom)
-            gj = {"type": m["type"], "coordinates": _round_coords(m["coordinates"])}
-        props = {k: jsonable(v) for k, v in rec.items()}
+            gj = _geojson_geometry(geom)
+        props = dict(zip(cols, row, strict=True))
         feat: dict[str, Any] = {"type": "Feature"}
         if props.get("patch_id") is not None:
             feat["id"] = props["patch_id"]
@@ -155,7 +182,8 @@ def write_geojson(patches: gpd.GeoDataFrame, path: str | Path) -> dict[str, Any]
     """
     fc = to_rfc7946(patches)
     with atomic_open(path, "w", encoding="utf-8") as f:
-        json.dump(fc, f, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        # dumps, not dump: only the one-shot encoder is the C one (7x faster at 110k patches)
+        f.write(json.dumps(fc, ensure_ascii=False, allow_nan=False, separators=(",", ":")))
         f.write("\n")
     return fc
 
@@ -250,10 +278,13 @@ def task_rows(patches: pd.DataFrame, priorities: Mapping[str, int] | None = None
     df = df.sort_values(["_no_admin", "_code", "priority", "_conf", "_area", "patch_id"],
                         ascending=[True, True, True, False, False, True], kind="mergesort")
     rows = []
-    for seq, rec in enumerate(df.to_dict("records"), start=1):
-        row = {c: jsonable(rec.get(c)) for c, _ in TASK_COLUMNS}
+    cols = [c for c, _ in TASK_COLUMNS]
+    values = zip(*(_json_column(df[c]) for c in cols), strict=True) if len(df) else iter(())
+    for seq, (vals, cat) in enumerate(zip(values, df["category"].tolist(), strict=True),
+                                      start=1):
+        row = dict(zip(cols, vals, strict=True))
         row["seq"] = seq
-        row["category_zh"] = row["category_zh"] or CATEGORY_ZH.get(str(rec["category"]))
+        row["category_zh"] = row["category_zh"] or CATEGORY_ZH.get(str(cat))
         area = row["area_m2"]
         row["area_mu"] = round(area / MU_M2, 2) if area is not None else None
         for key, nd in (("area_m2", 1), ("confidence", 3), ("centroid_lon", 6),

@@ -70,6 +70,8 @@ def _exit(code: Any) -> None:
     if isinstance(code, str):
         print(code, file=sys.stderr)
         code = 1
+    if sys.gettrace() or sys.getprofile() or "coverage" in sys.modules:
+        sys.exit(code)  # profilers and coverage write their data at normal exit
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
