@@ -213,8 +213,11 @@ def _sample_values(ds: rasterio.DatasetReader, band: int, n_side: int = 5,
         parts = [ds.read(band, out_shape=(max(1, ds.height // f), max(1, ds.width // f)),
                          masked=True)]
     else:
+        bh, bw = ds.block_shapes[band - 1]
         rows = np.linspace(0, ds.height - size, n_side).astype(int)
         cols = np.linspace(0, ds.width - size, n_side).astype(int)
+        if bh >= size and bw >= size:  # each window inside one internal tile: one decode
+            rows, cols = rows // bh * bh, cols // bw * bw
         parts = [ds.read(band, window=Window(int(c), int(r), size, size), masked=True)
                  for r in rows for c in cols]
     vals = np.concatenate([p.compressed().astype("float64") for p in parts])
