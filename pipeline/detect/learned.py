@@ -2,6 +2,8 @@
 
 The model files live in :mod:`pipeline.models` (LightGBM text models plus a JSON sidecar with
 the feature list, calibration and held-out figures); ``bench/train_detector.py`` makes them.
+An optional object stage (:mod:`pipeline.detect.objects`) accepts or rejects each decided object
+when its model file ``learned_<set>_objects.{txt,json}`` is in the same model folder.
 The weights derive from LEVIR-CD and OSCD, which are licensed for research use only.
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from . import features as F
+from . import objects as O
 
 #: the shipped models
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models"
@@ -256,11 +259,14 @@ class LearnedDetector:
             ``$TUBAN_MODEL_DIR`` or the shipped :data:`MODEL_DIR`).
         exact: use only a model for these bands and pixel size (RGB+NIR imagery: the RGB model
             only from :data:`RGB_FOR_NIR_MIN_RES_M` up); what ``method: auto`` asks for.
+        objects: apply the object stage (:mod:`pipeline.detect.objects`) when its model file
+            ``learned_<set>_objects.*`` is in the model folder; False: pixel decision only.
     """
 
     def __init__(self, roles: Sequence[str] | None = None, res_m: float | None = None, *,
                  stretch: tuple[np.ndarray, np.ndarray] | None = None, threads: int = 2,
-                 model_dir: Path | None = None, exact: bool = False) -> None:
+                 model_dir: Path | None = None, exact: bool = False,
+                 objects: bool = True) -> None:
         r = 0.1 if res_m is None else float(res_m)
         #: context pixels each side: the feature neighbourhoods plus object context for classify
         self.halo = max(F.halo_px(r), min(MAX_CONTEXT_PX, math.ceil(CONTEXT_M / r)))
@@ -272,6 +278,7 @@ class LearnedDetector:
         model_dir = resolve_model_dir(model_dir)
         self.model_dir = model_dir
         self.exact = exact
+        self.objects = objects
 
     def __call__(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
                  roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
@@ -290,7 +297,14 @@ class LearnedDetector:
         if valid.any():
             raw = predict_map(model.booster, stack, valid, res_m, self.threads)
             p = model.calibrate(raw, res_m)
-            decided = decide_raw(raw, valid, res_m, model.threshold_raw(res_m))
+            t = model.threshold_raw(res_m)
+            obj = O.load_object_model(kind, self.model_dir) if self.objects else None
+            if obj is None:
+                decided = decide_raw(raw, valid, res_m, t)
+            else:  # object stage: candidates, each accepted or rejected as a whole
+                cand = decide_raw(raw, valid, res_m, obj.candidate_threshold(t))
+                decided = O.filter_objects(obj, cand, raw, t, names, stack, valid, res_m,
+                                           self.threads)
             # the model's own decision is final: decided objects become seeds of the
             # classifier's hysteresis (>= P_DECIDED) and nothing else grows into them
             change = np.where(decided, np.maximum(p, P_DECIDED),
