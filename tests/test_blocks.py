@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
 import threading
 from concurrent.futures import Future
 
 import numpy as np
+import pytest
 
 from pipeline.blocks import _bounded, default_workers, map_blocks
 from pipeline.grid import Block, Grid
@@ -89,3 +94,28 @@ def test_progress_logs_without_a_terminal(caplog) -> None:  # type: ignore[no-un
     with t.stage("align"):
         pass
     assert "align" in t and t["align"] >= 0
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc tuning")
+def test_dask_style_trim_threshold_no_longer_page_faults_every_array() -> None:
+    # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536: every block-sized array
+    # is then mmapped afresh and faulted in; after _reuse_freed_arrays the heap is reused
+    code = """
+import resource, numpy as np
+from pipeline.blocks import _reuse_freed_arrays
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def churn():
+    for _ in range(20):
+        a = np.ones(5_000_000, np.float32)
+        del a
+f0 = faults(); churn(); f1 = faults()
+_reuse_freed_arrays()
+churn(); churn(); f2 = faults()
+print(f1 - f0, (f2 - f1) / 2)
+"""
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    before, after = float(out[0]), float(out[1])
+    assert before > 1000 and after * 4 < before
