@@ -126,13 +126,15 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
 
     stage = timings.stage if timings is not None else (lambda _n: nullcontext())
     n_workers = workers or default_workers()
-    if scheduler is None and n_workers > 1 and grid.n_blocks(block_size) > 1:
+    pool = scheduler is None and n_workers > 1 and grid.n_blocks(block_size) > 1
+    if pool:
         warm_up(PRELOAD)  # worker start-up (imports) overlaps the alignment
     with stage("align"):
+        # on the workers only when they are there for the blocks anyway
         params = align.fit_alignment(before, after, grid, coregister=detection.coregister,
                                      normalize=detection.normalize,
                                      max_shift_px=detection.max_shift_px,
-                                     workers=n_workers, scheduler=scheduler)
+                                     workers=n_workers if pool else 1, scheduler=scheduler)
         log.info("alignment: shift %s px, gain %s", params.shift_px,
                  np.round(np.asarray(params.gain), 3).tolist())
     det = _detector(detection.method, params.roles, grid.res)
