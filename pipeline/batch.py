@@ -18,6 +18,8 @@ import geopandas as gpd
 import numpy as np
 import rasterio
 import shapely
+from affine import Affine
+from rasterio.windows import Window
 
 from . import align, classify, ingest
 from .blocks import PRELOAD, default_workers, map_blocks, warm_up
@@ -25,7 +27,7 @@ from .config import CategoryConfig, DetectionConfig
 from .detect.registry import get_detector
 from .grid import Block, Grid
 from .progress import Progress
-from .types import NOT_OBSERVED
+from .types import NO_CHANGE, NOT_OBSERVED
 from .vectorize import BlockPolygons, block_polygons, join_blocks, to_map
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,10 @@ log = logging.getLogger(__name__)
 #: are joined exactly, and an object whose extent fits within the halo is classified from the
 #: same pixels, hence identically, in every block that sees it. The area rules (graves up to
 #: 400 m², missed clouds from 1000 m²) fit within 64 px at 1 m. A wider object is decided
-#: from what each block sees of it; when its parts end up with different categories the seam
-#: conflicts are counted and logged (``join_blocks``), and a larger ``block_size`` removes them.
+#: from what each block sees of it; when its parts end up with different categories they are
+#: joined under the category of the larger part, in the polygons and the category raster
+#: (``join_blocks``, :func:`recode_raster`). Only farmland parcel pieces, cut apart on purpose,
+#: stay apart; they are counted and logged, and a larger ``block_size`` removes them.
 DEFAULT_HALO = 64
 
 
@@ -95,7 +99,9 @@ def process_block(job: BlockJob, block: Block) -> BlockResult:
     cat_core = np.ascontiguousarray(category[core])
     ev_core = {k: v[core] for k, v in evidence.items() if k != "change"}
     ev_core["confidence"] = confidence[core]
-    polys = block_polygons(cat_core, block.core, job.grid.shape, ev_core)
+    parcel = masks.get(classify.PARCEL_KEY)
+    polys = block_polygons(cat_core, block.core, job.grid.shape, ev_core,
+                           None if parcel is None else parcel[core] > 0)
     return BlockResult(cat_core, polys, int(valid[core].sum()), dict(excluded))
 
 
@@ -105,6 +111,22 @@ def change_profile(grid: Grid) -> dict[str, Any]:
             "dtype": "uint8", "crs": grid.crs, "transform": grid.transform,
             "nodata": NOT_OBSERVED, "tiled": True, "blockxsize": 256,
             "blockysize": 256, "compress": "deflate", "BIGTIFF": "IF_SAFER"}
+
+
+def recode_raster(path: Path, objects: list[tuple[shapely.Geometry, int]]) -> None:
+    """Give the changed pixels of each polygon (global pixel coordinates) its category code
+    in the category raster at ``path``, in place (objects joined across seams)."""
+    from rasterio.features import geometry_mask
+
+    with rasterio.open(path, "r+") as dst:
+        for geom, code in objects:
+            x0, y0, x1, y1 = (int(v) for v in np.round(geom.bounds))
+            win = Window(x0, y0, x1 - x0, y1 - y0)
+            cat = dst.read(1, window=win)
+            inside = geometry_mask([geom], cat.shape, Affine.translation(x0, y0), invert=True)
+            changed = inside & (cat != NO_CHANGE) & (cat != NOT_OBSERVED)
+            cat[changed] = code
+            dst.write(cat, 1, window=win)
 
 
 @dataclass
@@ -158,9 +180,15 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
     with stage("vectorize"):
         # blocks finish in any order: sort parts by block so results never depend on it
         joined = join_blocks(p for _, p in sorted(parts, key=lambda t: t[0]))
+        if joined.reconciled:
+            log.info("%d object(s) wider than the %d px halo, decided differently on each "
+                     "side of a block seam, joined under the larger part's category",
+                     len(joined.reconciled), halo)
+            recode_raster(change_path, [(joined.geoms[i], joined.codes[i])
+                                        for i in joined.reconciled])
         if joined.seam_conflicts:
-            log.warning("%d polygon pair(s) meet across a block seam with different "
-                        "categories: objects wider than the %d px halo may be decided "
+            log.warning("%d farmland parcel piece(s) meet another category across a block "
+                        "seam: parcel pieces wider than the %d px halo may be decided "
                         "differently on each side; raise block_size to keep them in one "
                         "block", joined.seam_conflicts, halo)
         mins = {k: c.min_area_m2 for k, c in categories.items()}

@@ -36,6 +36,10 @@ class BlockPolygons:
     counts: dict[str, list[int]] = field(default_factory=dict)
     #: whether the polygon touches an edge of its block shared with another block
     on_seam: list[bool] = field(default_factory=list)
+    #: pixels of the polygon inside a farmland parcel (parcel pieces are legitimately apart)
+    parcel_px: list[int] = field(default_factory=list)
+    #: after :func:`join_blocks`: indexes of polygons joined from parts decided differently
+    reconciled: list[int] = field(default_factory=list)
     #: after :func:`join_blocks`: pairs of polygons that share a seam edge but got different
     #: categories in their blocks (an object wider than the halo decided differently on each
     #: side, or two different objects that happen to touch at a block edge)
@@ -43,8 +47,12 @@ class BlockPolygons:
 
 
 def block_polygons(category: np.ndarray, window: Window, grid_shape: tuple[int, int],
-                   evidence: Mapping[str, np.ndarray] | None = None) -> BlockPolygons:
-    """Vectorize one block core (``category`` covers exactly ``window``) with 4-connectivity."""
+                   evidence: Mapping[str, np.ndarray] | None = None,
+                   parcel: np.ndarray | None = None) -> BlockPolygons:
+    """Vectorize one block core (``category`` covers exactly ``window``) with 4-connectivity.
+
+    ``parcel``: True inside farmland parcels (counted per polygon for :func:`join_blocks`).
+    """
     cat = np.where(category == NOT_OBSERVED, 0, category).astype(np.uint8)
     labels = cc_label(cat, background=0, connectivity=1).astype(np.int32)
     out = BlockPolygons(sums={k: [] for k in STAT_LAYERS}, counts={k: [] for k in STAT_LAYERS})
@@ -57,6 +65,9 @@ def block_polygons(category: np.ndarray, window: Window, grid_shape: tuple[int, 
     pixels = np.bincount(flat, minlength=n + 1)
     codes = np.zeros(n + 1, np.uint8)
     codes[flat] = cat.ravel()[idx]
+    in_parcel = (np.bincount(flat, weights=parcel.ravel()[idx].astype(np.float64),
+                             minlength=n + 1).astype(np.int64) if parcel is not None
+                 else np.zeros(n + 1, np.int64))
     for name in STAT_LAYERS:
         layer = None if evidence is None else evidence.get(name)
         if layer is None:
@@ -90,6 +101,7 @@ def block_polygons(category: np.ndarray, window: Window, grid_shape: tuple[int, 
         out.codes.append(int(codes[i + 1]))
         out.pixels.append(int(pixels[i + 1]))
         out.on_seam.append(bool(seam))
+        out.parcel_px.append(int(in_parcel[i + 1]))
     return out
 
 
@@ -98,13 +110,21 @@ def _shared_edge(a: shapely.Geometry, b: shapely.Geometry) -> bool:
 
 
 def join_blocks(parts: Iterable[BlockPolygons]) -> BlockPolygons:
-    """Join objects that a block edge cut in two (same code, sharing an edge), near-linearly."""
+    """Join objects that a block edge cut in two (sharing an edge across a seam), near-linearly.
+
+    Parts with the same category are joined. Parts with different categories are one object
+    that each block decided from what it saw (an object wider than the halo): they are joined
+    too and take the category of the larger share of pixels (``reconciled``), unless one of
+    them lies in a farmland parcel, where pieces are cut along parcel edges on purpose; those
+    are counted in ``seam_conflicts`` and left apart.
+    """
     merged = BlockPolygons(sums={k: [] for k in STAT_LAYERS}, counts={k: [] for k in STAT_LAYERS})
     for p in parts:
         merged.geoms += p.geoms
         merged.codes += p.codes
         merged.pixels += p.pixels
         merged.on_seam += p.on_seam
+        merged.parcel_px += p.parcel_px or [0] * len(p.geoms)
         for k in STAT_LAYERS:
             merged.sums[k] += p.sums.get(k, [0.0] * len(p.geoms))
             merged.counts[k] += p.counts.get(k, [0] * len(p.geoms))
@@ -122,11 +142,11 @@ def join_blocks(parts: Iterable[BlockPolygons]) -> BlockPolygons:
             i = parent[i]
         return i
 
-    codes = merged.codes
+    codes, parcel_px = merged.codes, merged.parcel_px
     conflicts = 0
     for a, b in zip(seam_idx[left], seam_idx[right], strict=True):
         if a < b and _shared_edge(merged.geoms[a], merged.geoms[b]):
-            if codes[a] != codes[b]:
+            if codes[a] != codes[b] and (parcel_px[a] or parcel_px[b]):
                 conflicts += 1
                 continue
             ra, rb = find(int(a)), find(int(b))
@@ -136,16 +156,28 @@ def join_blocks(parts: Iterable[BlockPolygons]) -> BlockPolygons:
     roots = np.array([find(i) for i in range(len(merged.geoms))])
     if (roots == np.arange(len(roots))).all():
         return merged
+    return _merge_groups(merged, roots)
+
+
+def _merge_groups(merged: BlockPolygons, roots: np.ndarray) -> BlockPolygons:
+    """One polygon per root: union of the parts, summed statistics, the majority category."""
+    codes, parcel_px = merged.codes, merged.parcel_px
     out = BlockPolygons(sums={k: [] for k in STAT_LAYERS}, counts={k: [] for k in STAT_LAYERS},
-                        seam_conflicts=conflicts)
+                        seam_conflicts=merged.seam_conflicts)
     order = np.argsort(roots, kind="stable")
     groups = np.split(order, np.flatnonzero(np.diff(roots[order])) + 1)
     for g in groups:
         geoms = [merged.geoms[i] for i in g]
         out.geoms.append(geoms[0] if len(g) == 1 else shapely.union_all(geoms))
-        out.codes.append(codes[g[0]])
+        share: dict[int, int] = {}
+        for i in g:
+            share[codes[i]] = share.get(codes[i], 0) + merged.pixels[i]
+        if len(share) > 1:  # the larger share wins; equal shares: the lower code
+            out.reconciled.append(len(out.codes))
+        out.codes.append(min(share, key=lambda c: (-share[c], c)))
         out.pixels.append(int(sum(merged.pixels[i] for i in g)))
         out.on_seam.append(False)
+        out.parcel_px.append(int(sum(parcel_px[i] for i in g)))
         for k in STAT_LAYERS:
             out.sums[k].append(float(sum(merged.sums[k][i] for i in g)))
             out.counts[k].append(int(sum(merged.counts[k][i] for i in g)))

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import shapely
 from affine import Affine
 
 from pipeline.vectorize import polygons_from_array
@@ -72,21 +73,53 @@ def test_holes_kept() -> None:
     assert rec["geometry"].area == 91.0
 
 
-def test_seam_conflicts_are_counted_not_joined() -> None:
+def test_object_decided_differently_across_a_seam_is_joined_under_the_larger_part() -> None:
     from rasterio.windows import Window
 
     from pipeline.vectorize import block_polygons, join_blocks
 
     cat = np.zeros((8, 16), np.uint8)
-    cat[2:6, 2:8] = 1  # left block: one category
-    cat[2:6, 8:14] = 3  # right block: the same object, decided differently
+    cat[2:6, 2:8] = 1  # left block: 24 px of one category
+    cat[2:6, 8:15] = 3  # right block: 28 px of the same object, decided differently
     parts = [block_polygons(cat[:, :8], Window(0, 0, 8, 8), cat.shape),
              block_polygons(cat[:, 8:], Window(8, 0, 8, 8), cat.shape)]
     joined = join_blocks(parts)
-    assert joined.seam_conflicts == 1 and len(joined.geoms) == 2
+    assert len(joined.geoms) == 1 and joined.codes == [3] and joined.pixels == [52]
+    assert joined.reconciled == [0] and joined.seam_conflicts == 0
+    assert joined.geoms[0].equals(shapely.box(2, 2, 15, 6))
+    # farmland parcel pieces are cut apart on purpose: counted, not joined
+    parcel = np.zeros(cat.shape, bool)
+    parcel[:, 8:] = True
+    parts = [block_polygons(cat[:, :8], Window(0, 0, 8, 8), cat.shape, parcel=parcel[:, :8]),
+             block_polygons(cat[:, 8:], Window(8, 0, 8, 8), cat.shape, parcel=parcel[:, 8:])]
+    joined = join_blocks(parts)
+    assert joined.seam_conflicts == 1 and len(joined.geoms) == 2 and not joined.reconciled
     same = cat.copy()
     same[same == 3] = 1
     parts = [block_polygons(same[:, :8], Window(0, 0, 8, 8), cat.shape),
              block_polygons(same[:, 8:], Window(8, 0, 8, 8), cat.shape)]
     joined = join_blocks(parts)
-    assert joined.seam_conflicts == 0 and len(joined.geoms) == 1
+    assert joined.seam_conflicts == 0 and len(joined.geoms) == 1 and not joined.reconciled
+
+
+def test_recode_raster_gives_the_joined_category_to_changed_pixels_only(tmp_path) -> None:
+    import rasterio
+
+    from pipeline.batch import recode_raster
+
+    cat = np.zeros((8, 16), np.uint8)
+    cat[2:6, 2:8] = 1
+    cat[2:6, 8:15] = 3
+    cat[3, 5] = 255  # not observed stays so
+    path = tmp_path / "change.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=16, height=8, count=1,
+                       dtype="uint8", tiled=True, blockxsize=16, blockysize=16,
+                       crs="EPSG:4547", transform=T) as dst:
+        dst.write(cat, 1)
+    recode_raster(path, [(shapely.box(2, 2, 15, 6), 3)])
+    with rasterio.open(path) as src:
+        got = src.read(1)
+    want = cat.copy()
+    want[2:6, 2:8] = 3
+    want[3, 5] = 255
+    np.testing.assert_array_equal(got, want)
