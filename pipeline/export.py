@@ -37,6 +37,7 @@ from rasterio.warp import transform_bounds
 from . import report as report_mod
 from .atomic import atomic_open, atomic_write, staging_dir
 from .errors import InputError, TubanError, TubanWarning
+from .progress import Progress
 from .report import CATEGORY_COLORS
 from .track import empty_register, issued, match
 from .types import CATEGORY_CODES, CATEGORY_ZH, MU_M2, NOT_OBSERVED, VIOLATIONS, BBox
@@ -476,13 +477,16 @@ def _write_all_evidence(patches: gpd.GeoDataFrame, folder: Path, render: Evidenc
               chip_bounds(recs[i]["geometry"], min_size_m=min_size_m)) for i in todo]
     rel: list[Any] = [None] * len(recs)
     folder.mkdir(parents=True, exist_ok=True)
+    progress = Progress("evidence", len(todo), unit="patch", units="patches")
     for i, png in zip(todo, render(items, panel_px), strict=True):
+        progress.update()
         pid = str(recs[i]["patch_id"])
         if isinstance(png, str):
             warnings.warn(f"{pid}: no evidence chip ({png})", TubanWarning, stacklevel=2)
             continue
         (folder / f"{pid}.png").write_bytes(png)  # the staging folder is published whole
         rel[i] = f"evidence/{pid}.png"
+    progress.close()
     return rel
 
 

@@ -14,8 +14,10 @@ log = logging.getLogger("tuban")
 class Progress:
     """Counts done/total for one stage; draws a tqdm bar on a TTY, logs every ~10 % otherwise."""
 
-    def __init__(self, stage: str, total: int, *, enabled: bool | None = None) -> None:
+    def __init__(self, stage: str, total: int, *, enabled: bool | None = None,
+                 unit: str = "block", units: str | None = None) -> None:
         self.stage, self.total, self.done = stage, max(total, 0), 0
+        self.units = units or f"{unit}s"
         self._t0 = time.perf_counter()
         self._next_pct = 10
         tty = sys.stderr.isatty() if enabled is None else enabled
@@ -23,7 +25,7 @@ class Progress:
         if tty and log.isEnabledFor(logging.INFO):
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=stage, unit="block", leave=False,
+            self._bar = tqdm(total=total, desc=stage, unit=unit, leave=False,
                              file=sys.stderr)
 
     def update(self, n: int = 1) -> None:
@@ -35,8 +37,8 @@ class Progress:
         if pct >= self._next_pct or self.done == self.total:
             el = time.perf_counter() - self._t0
             eta = el / self.done * (self.total - self.done) if self.done else 0.0
-            log.info("%s: %d/%d blocks (%.0f%%), %.1fs elapsed, eta %.1fs",
-                     self.stage, self.done, self.total, pct, el, eta)
+            log.info("%s: %d/%d %s (%.0f%%), %.1fs elapsed, eta %.1fs",
+                     self.stage, self.done, self.total, self.units, pct, el, eta)
             while self._next_pct <= pct:
                 self._next_pct += 10
 

@@ -90,6 +90,11 @@ def test_progress_logs_without_a_terminal(caplog) -> None:  # type: ignore[no-un
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("detect:")]
     assert 5 <= len(lines) <= 11
     assert "20/20 blocks (100%)" in lines[-1] and "eta" in lines[-1]
+    caplog.clear()
+    p = Progress("evidence", 3, enabled=False, unit="patch", units="patches")
+    for _ in range(3):
+        p.update()
+    assert "evidence: 3/3 patches (100%)" in caplog.records[-1].getMessage()
     t = Timings()
     with t.stage("align"):
         pass
