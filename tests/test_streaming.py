@@ -68,3 +68,17 @@ def test_block_results_are_small() -> None:
     assert res.category.dtype == np.uint8 and res.category.size == core_px
     # polygons are a few hundred bytes each; the block's pixels dominate
     assert len(pickle.dumps(res)) < 2 * core_px + 2_000 * max(1, len(res.polygons.geoms))
+
+
+def test_blocks_go_to_workers_in_runs_of_row_neighbours() -> None:
+    from affine import Affine
+
+    from pipeline.batch import _runs
+    from pipeline.grid import Grid
+
+    grid = Grid((300, 500), Affine(1.0, 0, 0, 0, -1.0, 300), "EPSG:4547")
+    blocks = list(grid.blocks(100, halo=8))  # 3 rows of 5
+    runs = _runs(blocks)
+    assert [len(r) for r in runs] == [2, 2, 1] * 3
+    assert [b.index for r in runs for b in r] == [b.index for b in blocks]
+    assert all(len({b.core.row_off for b in r}) == 1 for r in runs)  # never across rows
