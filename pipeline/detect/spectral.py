@@ -33,6 +33,8 @@ import math
 import numpy as np
 from scipy import ndimage as ndi
 
+from . import features as F
+
 #: absolute and relative reflectance noise floor: sigma(x) = NOISE_ABS + NOISE_REL * x
 NOISE_ABS = 0.012
 NOISE_REL = 0.08
@@ -291,17 +293,9 @@ def _index(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def _nir_red(img: np.ndarray, f: dict[str, np.ndarray], inir: int, ired: int) -> np.ndarray:
-    """NIR + red, both clipped at 0 (from the features when they hold it)."""
-    if "_nir_red" in f:
-        return f["_nir_red"]
-    zero = np.float32(0.0)
-    return np.maximum(img[inir], zero) + np.maximum(img[ired], zero)
-
-
 def _features(img: np.ndarray, roles: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Per-date spectral evidence the score uses: brightness, NDVI, chromaticities, and the
-    chromatic excess green where there is no NIR (see :func:`_exg` and :func:`_veg`)."""
+    chromatic excess green where there is no NIR (see :func:`_exg_at` and :func:`_veg`)."""
     zero = np.float32(0.0)
     band = {r: np.maximum(img[i], zero, dtype=np.float32) for i, r in enumerate(roles)}
     vis = [band[r] for r in _VISIBLE if r in band]
@@ -332,18 +326,11 @@ def _features(img: np.ndarray, roles: tuple[str, ...]) -> dict[str, np.ndarray]:
     return out
 
 
-def _exg(img: np.ndarray, roles: tuple[str, ...]) -> np.ndarray:
-    """Chromatic excess green (2g - r - b) / (r + g + b) of ``(bands, n)`` pixels (NaN
-    without red, green and blue); the same arithmetic as :func:`_features`."""
+def _exg_at(img: np.ndarray, roles: tuple[str, ...], where: np.ndarray) -> np.ndarray:
+    """:func:`features.exg` of the ``where`` pixels (NaN without red, green and blue)."""
     if not set(_VISIBLE) <= set(roles):
-        return np.full(img.shape[1:], np.nan, np.float32)
-    zero = np.float32(0.0)
-    r, g, b = (np.maximum(img[roles.index(k)], zero, dtype=np.float32)
-               for k in ("red", "green", "blue"))
-    den = np.maximum(r + g + b, np.float32(0.03))
-    exg = 2 * g - r - b
-    exg /= den
-    return exg
+        return np.full(int(where.sum()), np.nan, np.float32)
+    return F.exg(*(img[roles.index(k)][where] for k in ("red", "green", "blue")))
 
 
 def _veg(ndvi: np.ndarray, exg: np.ndarray, nir: bool) -> np.ndarray:
@@ -414,9 +401,7 @@ class SpectralDetector:
             shape = np.zeros(valid.shape, np.float32)
             dark = np.maximum(np.minimum(fb["bright"], fa["bright"]), np.float32(0.005))
             if {"nir", "red"} <= set(roles):
-                inir, ired = roles.index("nir"), roles.index("red")
-                nr = np.minimum(_nir_red(before, fb, inir, ired),
-                                _nir_red(after, fa, inir, ired))
+                nr = np.minimum(fb["_nir_red"], fa["_nir_red"])
                 sig = np.maximum(nr, np.float32(0.005), out=nr)
                 np.divide(np.float32(0.006), sig, out=sig)
                 sig += np.float32(NOISE_INDEX)
@@ -510,7 +495,7 @@ class SpectralDetector:
         for tag, img, f in (("before", before, fb), ("after", after, fa)):
             out[f"ndvi_{tag}"] = f["ndvi"]
             out[f"bright_{tag}"] = f["bright"]
-            exg = f["exg"][need] if "exg" in f else _exg(img[:, need], roles)
+            exg = f["exg"][need] if "exg" in f else _exg_at(img, roles, need)
             out[f"exg_{tag}"] = _scatter(exg, need)
             out[f"veg_{tag}"] = _scatter(_veg(f["ndvi"][need], exg, nir), need)
         for name in (c for c in fa if c.startswith("chroma_")):
