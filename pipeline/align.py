@@ -384,11 +384,8 @@ def fit_alignment(before: ImageSource, after: ImageSource, grid: Grid, *, coregi
     n_ok = 0
     job = _WindowJob(before, after, grid, roles, coregister, max_shift_px, resampling,
                      tuple(wins))
-    ks = list(range(len(wins)))
-    if len(wins) > 1 and (scheduler or (workers or 1) > 1):
-        done = dict(map_blocks(_window_pass, job, ks, workers=workers, scheduler=scheduler))
-    else:
-        done = {k: _window_pass(job, k) for k in ks}
+    ks = list(range(len(wins)))  # map_blocks runs them here with one worker or one window
+    done = dict(map_blocks(_window_pass, job, ks, workers=workers or 1, scheduler=scheduler))
     passes = [done[k] for k in ks]  # window order: the result never depends on timing
     est = [e for e, _ in passes if e is not None]
     if est:

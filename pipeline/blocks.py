@@ -40,13 +40,12 @@ PRELOAD = ("pipeline.batch", "pipeline.chips")
 def _init_worker(job: Any) -> None:
     global _JOB
     _JOB = job
-    for k, v in WORKER_ENV.items():
-        os.environ.setdefault(k, v)
+    _worker_env()
 
 
 def _worker_env() -> None:
-    """On a Dask worker: the local workers' environment (a small GDAL block cache, not 5 % of
-    RAM each) unless the cluster set it; before the worker's first read."""
+    """On any worker: :data:`WORKER_ENV` (a small GDAL block cache, not 5 % of RAM each)
+    unless already set, before the worker's first read; and glibc's heap reuse."""
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
     _reuse_freed_arrays()

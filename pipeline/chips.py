@@ -78,7 +78,6 @@ class ChipSource:
                  scheduler: str | None = None) -> None:
         self.job = ChipJob(before, after, grid, params)
         self.workers, self.scheduler = workers, scheduler
-        self.before_chip, self.after_chip = _readers(self.job)
 
     def evidence(self, items: list[tuple[dict, BBox]], panel_px: int,
                  ) -> Iterator[bytes | str]:

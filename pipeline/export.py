@@ -460,8 +460,6 @@ def write_evidence(patch: Mapping[str, Any], before_chip: np.ndarray, after_chip
         tmp.write_bytes(data)
 
 
-
-
 #: what a worker needs of a patch to draw its evidence
 EVIDENCE_FIELDS = ("patch_id", "category", "category_zh", "status", "area_m2", "confidence",
                    "before_date", "after_date", "geometry")
@@ -471,7 +469,7 @@ def _write_all_evidence(patches: gpd.GeoDataFrame, folder: Path, render: Evidenc
                         min_size_m: float, panel_px: int) -> list[Any]:
     """Evidence for every violation patch (the ones field teams visit); returns the relative
     paths (None for other_change and where a chip failed)."""
-    recs = patches.to_dict("records")
+    recs = patches[[c for c in EVIDENCE_FIELDS if c in patches]].to_dict("records")
     todo = [i for i, r in enumerate(recs) if r["category"] in VIOLATIONS]
     items = [({k: recs[i].get(k) for k in EVIDENCE_FIELDS},
               chip_bounds(recs[i]["geometry"], min_size_m=min_size_m)) for i in todo]

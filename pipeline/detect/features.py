@@ -115,6 +115,12 @@ def _grad(x: np.ndarray) -> np.ndarray:
     return np.hypot(ndi.sobel(x, 0), ndi.sobel(x, 1)) / 8.0
 
 
+def logit(p: np.ndarray | float) -> np.ndarray:
+    """log(p / (1 - p)), with ``p`` clipped to [1e-6, 1 - 1e-6]."""
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
 def exg(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Chromatic excess green, (2g - r - b) / (r + g + b), on positive reflectances."""
     r, g, b = (np.maximum(v, 0.0) for v in (r, g, b))

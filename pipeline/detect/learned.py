@@ -66,14 +66,9 @@ class Model:
         return calibrate(raw, self.threshold_raw(res_m), self.slope)
 
 
-def _logit(p: np.ndarray | float) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
-
-
 def calibrate(raw: np.ndarray, threshold_raw: float, slope: float) -> np.ndarray:
     """``sigmoid(slope * (logit(raw) - logit(threshold_raw)))`` as float32."""
-    z = slope * (_logit(raw) - _logit(threshold_raw))
+    z = slope * (F.logit(raw) - F.logit(threshold_raw))
     return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
 

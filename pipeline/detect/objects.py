@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from . import features as F
+
 #: an object is a positive training sample when this share of its labelled pixels is change
 POSITIVE_COVER = 0.5
 #: ring around an object for context features: this many metres, clamped in pixels
@@ -55,11 +57,6 @@ def feature_names() -> list[str]:
              "veg_a", "veg_b", "ring_valid", "scene_frac", "scene_density_km2", "m_mean_rel",
              "log_area_rel"]
             + [f"in_{n}" for n in INSIDE] + [f"dring_{n}" for n in RING_DIFF])
-
-
-def _logit(p: np.ndarray | float) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
 
 
 def label_objects(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -134,7 +131,7 @@ def object_features(lab: np.ndarray, n: int, raw: np.ndarray, threshold_raw: flo
         perim += np.bincount(lab[edge], minlength=n + 1)[1:n + 1]
     compact = 4 * math.pi * area / np.maximum(perim, 1.0) ** 2
 
-    margin = (_logit(raw) - _logit(threshold_raw)).astype(np.float64)
+    margin = (F.logit(raw) - F.logit(threshold_raw)).astype(np.float64)
     m_mean = mean(margin)
     m_std = np.sqrt(np.maximum(mean(margin * margin) - m_mean ** 2, 0.0))
     idx = np.arange(1, n + 1)
@@ -197,7 +194,7 @@ class ObjectModel:
 
     def candidate_threshold(self, threshold_raw: float) -> float:
         """Raw-score threshold forming the candidate objects."""
-        z = float(_logit(threshold_raw)) - self.candidate_shift
+        z = float(F.logit(threshold_raw)) - self.candidate_shift
         return 1.0 / (1.0 + math.exp(-z))
 
     def predict(self, x: np.ndarray, threads: int = 2) -> np.ndarray:
