@@ -237,6 +237,7 @@ def fold_models(cases_root: Path, cache: Path = FOLD_CACHE,
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
                            env={**os.environ, "OMP_NUM_THREADS": "2"})
         stamp.write_text(json.dumps({"key": key, "cases": str(cases_root)}))
+    fold_networks(cases_root, all_dirs, cache)
     out: dict[str, dict[str, Path]] = {}
     for proto in protocols:
         m = out.setdefault(proto, {})
@@ -244,6 +245,46 @@ def fold_models(cases_root: Path, cache: Path = FOLD_CACHE,
             for c in json.loads(js.read_text())["test_cases"]:
                 m[c] = js.parent
     return out
+
+
+def network_key(case_dirs: list[Path], seed: int = SEED) -> str:
+    """Hash of the network's training recipe (trainer and network sources, seed) and cases."""
+    h = hashlib.sha256()
+    for f in (ROOT / "bench" / "train_cnn.py", ROOT / "pipeline" / "detect" / "cnn.py"):
+        h.update(f.read_bytes())
+    h.update(f"seed={seed};".encode())
+    h.update("\n".join(f"{p.parent.name}/{p.name}" for p in case_dirs).encode())
+    return h.hexdigest()[:16]
+
+
+def fold_networks(cases_root: Path, all_dirs: list[Path], cache: Path) -> None:
+    """Case-split fold networks (``bench/train_cnn.py --folds``) beside the fold models, trained
+    when the cache lacks them for this key. Without PyTorch, stale ones are removed and the
+    held-out figures are those of the pixel models alone (said so). The leave-one-dataset-out
+    folds get none: LEVIR is the only sub-metre data, so its fold has nothing to learn from, and
+    the network does not run on the other datasets' pixel sizes."""
+    key = network_key(all_dirs)
+    stamp = cache / "network.json"
+    try:
+        if json.loads(stamp.read_text()).get("key") == key:
+            return
+    except (OSError, ValueError):
+        pass
+    stamp.unlink(missing_ok=True)
+    for old in (cache / "cases").glob("*/cnn_rgb.*"):
+        old.unlink()
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("PyTorch missing (pip install -e '.[train]'): held-out figures WITHOUT the "
+              "network", flush=True)
+        return
+    print(f"training fold networks (recipe {key}) into {cache} ...", flush=True)
+    with open(cache / "train_cnn.log", "w") as log:
+        subprocess.run([sys.executable, str(ROOT / "bench" / "train_cnn.py"), "--cases",
+                        str(cases_root), "--seed", str(SEED), "--folds", str(cache)],
+                       check=True, stdout=log, stderr=subprocess.STDOUT)
+    stamp.write_text(json.dumps({"key": key, "cases": str(cases_root)}))
 
 
 def macro(rows: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -67,8 +67,8 @@ class BlockResult:
 
 
 @lru_cache(maxsize=4)
-def _detector(method: str, roles: tuple[str, ...], res: float) -> Any:
-    return get_detector(method, roles, res)
+def _detector(method: str, roles: tuple[str, ...], res: float, network: bool = True) -> Any:
+    return get_detector(method, roles, res, network=network)
 
 
 def _rules_for(rules: dict[str, gpd.GeoDataFrame], grid: Grid) -> dict[str, gpd.GeoDataFrame]:
@@ -87,7 +87,7 @@ def process_block(job: BlockJob, block: Block) -> BlockResult:
         cloud_mask=job.detection.cloud_mask)
     res = job.grid.res
     roles = job.params.roles
-    det = _detector(job.detection.method, roles, res)
+    det = _detector(job.detection.method, roles, res, job.detection.building_network)
     evidence = det(before, after, valid, roles, res)
     del before, after  # the block's imagery is not needed past the detector
     outer_grid = job.grid.subgrid(block.outer)
@@ -177,7 +177,7 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
                                      workers=n_workers if pool else 1, scheduler=scheduler)
         log.info("alignment: shift %s px, gain %s", params.shift_px,
                  np.round(np.asarray(params.gain), 3).tolist())
-    det = _detector(detection.method, params.roles, grid.res)
+    det = _detector(detection.method, params.roles, grid.res, detection.building_network)
     halo = max(DEFAULT_HALO, int(getattr(det, "halo", 0)))
     job = BlockJob(before, after, grid, params, rules, detection, categories, resampling)
     blocks = list(grid.blocks(block_size, halo=halo))

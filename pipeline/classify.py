@@ -100,6 +100,9 @@ ILLUM_SHAPE, ILLUM_SPREAD, ILLUM_MAX_LOG_RATIO = 2.5, 0.25, math.log(3.0)
 MASK_EDGE_M = 4.0
 #: gain of the spectral support in the confidence logistic
 GAIN = 1.5
+#: rule layers inside which a detector's ``change_any`` (every change, not only buildings)
+#: is classified: see :func:`zoned_change`
+OPEN_GROUND_RULES: tuple[str, ...] = ("forest", "farmland", "ecological_redline")
 
 
 class BlockClassification(NamedTuple):
@@ -399,6 +402,7 @@ def classify_block(evidence: dict[str, np.ndarray], rule_masks: dict[str, np.nda
         :class:`BlockClassification` ``(category, confidence, excluded)``.
     """
     valid = valid.astype(bool)
+    evidence = zoned_change(evidence, rule_masks)
     p = np.where(valid, evidence["change"], np.float32(0.0))  # NaN is never above a level
     mask = hysteresis(p, P_GROW, P_SEED) & valid
     whole, n = label(mask, connectivity=2, return_num=True)
@@ -437,6 +441,27 @@ def classify_block(evidence: dict[str, np.ndarray], rule_masks: dict[str, np.nda
     cat[~valid] = NOT_OBSERVED
     conf[~valid] = 0.0
     return BlockClassification(cat, conf.astype(np.float32), excluded)
+
+
+def zoned_change(evidence: dict[str, np.ndarray],
+                 rule_masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``evidence`` with ``change`` taken from ``change_any`` inside :data:`OPEN_GROUND_RULES`.
+
+    A detector with a building network (sub-metre RGB) reports in ``change`` only changes that
+    look like buildings, and in ``change_any`` every change its pixel model finds. Inside
+    forest, farmland and ecological land the latter counts: cleared or hardened ground is the
+    violation there (毁林, 违法占地), and it is no building.
+    """
+    if "change_any" not in evidence:
+        return evidence
+    zone = None
+    for role in OPEN_GROUND_RULES:
+        m = rule_masks.get(role)
+        if m is not None:
+            zone = m.astype(bool) if zone is None else zone | m.astype(bool)
+    if zone is None or not zone.any():
+        return evidence
+    return {**evidence, "change": np.where(zone, evidence["change_any"], evidence["change"])}
 
 
 def hysteresis(p: np.ndarray, low: float, high: float) -> np.ndarray:

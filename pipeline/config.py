@@ -79,6 +79,10 @@ class DetectionConfig(_Model):
     normalize: bool = True
     cloud_mask: bool = True
     min_confidence: float = Field(default=0.5, ge=0, le=1)
+    #: sub-metre RGB imagery: the building-change network (pipeline/models/cnn_rgb_1m.onnx)
+    #: vetoes changes that do not look like buildings, far fewer false patches on roads, car
+    #: parks and cleared ground; false keeps those (e.g. to find 违法占地 on RGB-only imagery)
+    building_network: bool = True
     #: a change is reported once it has lasted this many periods (needs n+1 periods; 1 = off)
     persist_periods: int = Field(default=1, ge=1)
 
@@ -149,8 +153,12 @@ def config_from_dict(data: dict[str, Any], path: Path, base_dir: Path) -> Pipeli
         raise ConfigError(_format_error(path, err)) from None
 
 
-def load_config(path: str | Path) -> PipelineConfig:
-    """Read and validate a YAML config. Relative paths in it resolve from the project folder."""
+def load_config(path: str | Path, defaults: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read and validate a YAML config. Relative paths in it resolve from the project folder.
+
+    ``defaults``: values for top-level keys the file leaves out (``tuban compare`` takes the
+    grid and periods from its two images, so its config may hold only e.g. ``detection``).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; give the path to a YAML config")
@@ -166,4 +174,6 @@ def load_config(path: str | Path) -> PipelineConfig:
     base = path.resolve().parent
     if base.name == "configs":
         base = base.parent
+    if defaults and isinstance(data or {}, dict):
+        data = {**defaults, **(data or {})}
     return config_from_dict(data or {}, path, base)

@@ -273,18 +273,21 @@ def compare(before_path: str | Path, after_path: str | Path, outdir: str | Path,
             workers: int | None = None) -> Path:
     """One pair of images, no register; same outputs as a run."""
     timings = Timings()
-    base_cfg = load_config(config) if config else None
     with timings.stage("ingest"):
         before = ingest.open_image(before_path, bands=bands, name="before")
         after = ingest.open_image(after_path, bands=bands, name="after")
     crs, res = _auto_grid(before, after)
+    # a compare config may leave out what the two images give (name, grid, periods)
+    periods = [{"name": "before", "images": [str(before_path)]},
+               {"name": "after", "images": [str(after_path)]}]
+    base_cfg = (load_config(config, {"name": "compare", "crs": crs, "resolution": res,
+                                     "periods": periods}) if config else None)
     data: dict[str, Any] = {} if base_cfg is None else base_cfg.model_dump(
         by_alias=True, exclude={"base_dir", "periods", "rules", "admin", "register_path"})
     data.setdefault("name", "compare")
     data.setdefault("crs", crs)
     data.setdefault("resolution", res)
-    data["periods"] = [{"name": "before", "images": [str(before_path)]},
-                       {"name": "after", "images": [str(after_path)]}]
+    data["periods"] = periods
     data["register"] = None
     if rules_dir is not None:
         data["rules"], data["admin"] = _rules_from_dir(Path(rules_dir))

@@ -241,3 +241,28 @@ def test_object_interior_and_first_pixel_match_whole_array_operations() -> None:
     for i in range(1, n + 1):
         r, c = np.argwhere(lab == i)[0]  # argwhere is in raster order
         assert tuple(objs.first()[i]) == (r, c)
+
+
+def test_building_veto_holds_outside_open_ground_only() -> None:
+    """A detector with a building network reports cleared or hardened ground only in
+    ``change_any``: classify keeps it inside farmland (违法占地) and drops it elsewhere."""
+    before = base_scene()
+    after = before.copy()
+    on_farm, on_grass = (slice(10, 35), slice(100, 122)), (slice(66, 88), slice(70, 90))
+    paint(after, on_farm, "hard")
+    paint(after, on_grass, "hard")
+    valid = np.ones((N, N), bool)
+    ev = SpectralDetector(1.0)(noisy(before, 1), noisy(after, 2), valid, ROLES, 1.0)
+    # what the building network did: every change vetoed (not a building), the pixel
+    # model's own decision kept aside
+    vetoed = {**ev, "change_any": ev["change"], "change": np.minimum(ev["change"], 0.35)}
+    res = classify_block(vetoed, masks(), valid, res_m=1.0, cfg=CFG, categories=CATS)
+    assert codes_in(res.category, (slice(12, 33), slice(102, 120))) == {
+        CATEGORY_CODES["land_occupation"]}
+    assert (res.category[on_grass] == 0).all()
+    # without the layer split both stay; without farmland neither does
+    plain = classify_block(ev, masks(), valid, res_m=1.0, cfg=CFG, categories=CATS)
+    assert (plain.category[on_grass] > 0).mean() > 0.8
+    no_farm = {k: v for k, v in masks().items() if k not in ("farmland", PARCEL_KEY)}
+    res2 = classify_block(vetoed, no_farm, valid, res_m=1.0, cfg=CFG, categories=CATS)
+    assert (res2.category[on_farm] == 0).all()

@@ -288,3 +288,22 @@ def test_killed_run_leaves_no_output_and_reruns(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert (runs / "k" / "run.json").exists()
     assert not list(runs.glob(".k.work-*")) and not list(runs.glob("k.partial-*"))
+
+
+def test_compare_config_may_hold_only_detection(tmp_path: Path) -> None:
+    """The two images give the grid and periods: a compare config needs nothing else."""
+    b, a = SAMPLE / "2024-03" / "scene.tif", SAMPLE / "2024-06" / "scene.tif"
+    bands = "blue=1,green=2,red=3,nir=4"
+    cfg = tmp_path / "strict.yaml"
+    cfg.write_text("detection: {min_confidence: 0.99}\n")
+    res = tuban("compare", b, a, "-o", tmp_path / "strict", "--bands", bands, "--config", cfg)
+    assert res.returncode == 0, res.stderr
+    res = tuban("compare", b, a, "-o", tmp_path / "plain", "--bands", bands)
+    assert res.returncode == 0, res.stderr
+    n = {k: len(json.loads((tmp_path / k / "patches.geojson").read_text())["features"])
+         for k in ("strict", "plain")}
+    assert n["strict"] < n["plain"]
+    cfg.write_text("detection: {min_confidence: 7}\n")
+    res = tuban("compare", b, a, "-o", tmp_path / "bad", "--bands", bands, "--config", cfg)
+    _assert_clean_failure(res, "strict.yaml", "min_confidence")
+    assert not (tmp_path / "bad").exists()

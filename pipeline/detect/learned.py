@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from . import cnn as C
 from . import features as F
 from . import objects as O
 
@@ -40,6 +41,8 @@ P_DECIDED, P_UNDECIDED = 0.85, 0.35
 #: object context (metres, capped in pixels) kept around a block for the classifier
 CONTEXT_M = 48.0
 MAX_CONTEXT_PX = 64
+#: context each side (the network's working pixels) for its output to match a whole-image run
+NET_CONTEXT_PX = 24
 #: vegetation likelihood: logistic midpoints/widths on NDVI and chromatic excess green (same
 #: constants as the spectral detector, so ``veg_*`` means the same whichever detector ran)
 NDVI_VEG_MID, NDVI_VEG_WIDTH = 0.45, 0.07
@@ -256,15 +259,22 @@ class LearnedDetector:
             only from :data:`RGB_FOR_NIR_MIN_RES_M` up); what ``method: auto`` asks for.
         objects: apply the object stage (:mod:`pipeline.detect.objects`) when its model file
             ``learned_<set>_objects.*`` is in the model folder; False: pixel decision only.
+        network: on RGB imagery within the range of a network in the model folder
+            (:mod:`pipeline.detect.cnn`, ``cnn_<name>.onnx``), add its vote to the pixel
+            model's margin and decide on the sum (instead of the object stage); the pixel
+            model's decision alone is returned too, as ``change_any``.
     """
 
     def __init__(self, roles: Sequence[str] | None = None, res_m: float | None = None, *,
                  stretch: tuple[np.ndarray, np.ndarray] | None = None, threads: int = 2,
                  model_dir: Path | None = None, exact: bool = False,
-                 objects: bool = True) -> None:
+                 objects: bool = True, network: bool = True) -> None:
         r = 0.1 if res_m is None else float(res_m)
         #: context pixels each side: the feature neighbourhoods plus object context for classify
         self.halo = max(F.halo_px(r), min(MAX_CONTEXT_PX, math.ceil(CONTEXT_M / r)))
+        net = C.net_for(resolve_model_dir(model_dir), r, threads) if network else None
+        if net is not None:  # and the network's, in its working pixels
+            self.halo = max(self.halo, NET_CONTEXT_PX * C.factor(r, net.coarsest_m()))
         if roles is not None and not has_model(roles, res_m, model_dir, exact):
             raise FileNotFoundError(f"no learned model for band roles {tuple(roles)} in "
                                     f"{model_dir}; use the spectral detector")
@@ -274,6 +284,7 @@ class LearnedDetector:
         self.model_dir = model_dir
         self.exact = exact
         self.objects = objects
+        self.network = network
 
     def __call__(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
                  roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
@@ -289,12 +300,27 @@ class LearnedDetector:
             raise ValueError(f"feature mismatch between code and model {kind}: retrain")
         h, w = valid.shape
         change = np.zeros((h, w), np.float32)
+        extra: dict[str, np.ndarray] = {}
         if valid.any():
             raw = predict_map(model.booster, stack, valid, res_m, self.threads)
             p = model.calibrate(raw, res_m)
             t = model.threshold_raw(res_m)
+            net = (C.net_for(self.model_dir, res_m, self.threads) if self.network
+                   else None)
             obj = O.load_object_model(kind, self.model_dir) if self.objects else None
-            if obj is None:
+            if kind == "rgb" and net is not None:
+                # shape and context from the network, added to the pixel model's margin
+                rgb = [roles.index(r) for r in F.RGB]
+                z = F.logit(raw) - F.logit(t) + net.vote(before[rgb], after[rgb], valid, res_m)
+                # the pixel model's own decision too: classify keeps it inside forest,
+                # farmland and ecological land, where cleared or hardened ground is the finding
+                alone = decide_raw(raw, valid, res_m, t)
+                extra["change_any"] = np.where(
+                    valid & alone, np.maximum(p, P_DECIDED),
+                    np.where(valid, np.minimum(p, P_UNDECIDED), 0.0)).astype(np.float32)
+                decided = decide_raw(z, valid, res_m, 0.0)
+                p = _sigmoid(z)
+            elif obj is None:
                 decided = decide_raw(raw, valid, res_m, t)
             else:  # object stage: candidates, each accepted or rejected as a whole
                 cand = decide_raw(raw, valid, res_m, obj.candidate_threshold(t))
@@ -306,5 +332,5 @@ class LearnedDetector:
                               np.minimum(p, P_UNDECIDED))
             change = np.where(valid, change, 0.0)
         evidence = spectral_evidence(before, after, valid, roles)
-        return {"change": change.astype(np.float32), **evidence}
+        return {"change": change.astype(np.float32), **extra, **evidence}
 

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 DETECTORS: tuple[str, ...] = ("auto", "spectral", "cva", "learned")
 
 
-def _learned(roles: tuple[str, ...], res_m: float, exact: bool) -> ChangeDetector | None:
+def _learned(roles: tuple[str, ...], res_m: float, exact: bool,
+             network: bool = True) -> ChangeDetector | None:
     """The learned detector for these bands, or None when it or its model is unavailable.
 
     ``exact``: only a model trained for exactly this band set and pixel size (``auto``); else an
@@ -37,7 +38,7 @@ def _learned(roles: tuple[str, ...], res_m: float, exact: bool) -> ChangeDetecto
         factory = getattr(mod, "load_detector", None) or getattr(mod, "LearnedDetector", None)
         if factory is None:
             return None
-        det = factory(roles=roles, res_m=res_m, exact=exact)
+        det = factory(roles=roles, res_m=res_m, exact=exact, network=network)
     except Exception as err:  # noqa: BLE001 - missing/invalid model: fall back
         log.info("learned detector has no usable model for bands %s: %s", roles, err)
         return None
@@ -82,7 +83,7 @@ class _WithEvidence:
 
 
 def get_detector(name: str, roles: Sequence[str], res_m: float, *,
-                 threshold: float | None = None) -> ChangeDetector:
+                 threshold: float | None = None, network: bool = True) -> ChangeDetector:
     """Detector ``name`` for these band roles and pixel size.
 
     ``"auto"`` chooses by bands and pixel size only: the learned detector when
@@ -92,14 +93,16 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
     gets the spectral detector, whose NIR evidence finds small vegetation clearings the RGB
     model misses, and Sentinel-2 / Landsat the RGB model. ``"learned"`` lets the RGB model
     serve RGB+NIR imagery at any pixel size. ``threshold`` (noise units) applies to the
-    spectral detector. Unknown names raise :class:`~pipeline.errors.ConfigError`.
+    spectral detector; ``network`` lets the learned detector add its change network
+    (:mod:`pipeline.detect.cnn`) where one covers the pixel size. Unknown names raise
+    :class:`~pipeline.errors.ConfigError`.
     """
     roles = tuple(roles)
     key = name.strip().lower()
     if key not in DETECTORS:
         raise ConfigError(f"unknown detection method {name!r}; use one of {', '.join(DETECTORS)}")
     if key in ("auto", "learned"):
-        det = _learned(roles, res_m, exact=key == "auto")
+        det = _learned(roles, res_m, exact=key == "auto", network=network)
         if det is not None:
             return det
         if key == "learned":

@@ -1,0 +1,144 @@
+"""Small siamese U-Net change networks for RGB imagery, run with onnxruntime.
+
+A network (``bench/train_cnn.py``) sees both dates' 2–98 % stretched RGB through one shared
+encoder and decodes the absolute differences of its features, so it judges a change by its
+shape and context (a roof, not just a brighter patch). Output: a change logit per pixel. A model
+folder may hold several, ``cnn_<name>.{onnx,json}``, each for a range of pixel sizes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from . import features as F
+
+
+def factor(res_m: float, work_res_m: float) -> int:
+    """Integer block-averaging factor that brings ``res_m`` closest to ``work_res_m``."""
+    return max(1, int(round(work_res_m / res_m)))
+
+
+def downsample(x: np.ndarray, f: int) -> np.ndarray:
+    """Mean over ``f``×``f`` cells of the last two axes (edges padded by reflection)."""
+    if f == 1:
+        return x
+    h, w = x.shape[-2:]
+    pad = [(0, 0)] * (x.ndim - 2) + [(0, -h % f), (0, -w % f)]
+    x = np.pad(x, pad, mode="reflect") if (h % f or w % f) else x
+    H, W = x.shape[-2] // f, x.shape[-1] // f
+    return x.reshape(*x.shape[:-2], H, f, W, f).mean((-3, -1))
+
+
+def model_input(before: np.ndarray, after: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``(6, h, w)`` float32: each date's RGB stretched 2–98 % over ``valid``, centred on 0."""
+    parts = []
+    for img in (before, after):
+        img = np.nan_to_num(img.astype(np.float32))
+        parts.append(F._stretch(img, F.stretch_params(img, valid)) - 0.5)
+    x = np.concatenate(parts)
+    x[:, ~valid] = 0.0
+    return x
+
+
+@dataclass(frozen=True)
+class Net:
+    """A loaded network: onnxruntime session, the pixel sizes it serves and how it runs."""
+
+    session: Any
+    #: pixel sizes (m) the network is used for
+    res_range_m: tuple[float, float]
+    #: pixel size (m) it works at: finer imagery is averaged down by an integer factor
+    work_res_m: float
+    #: logit the network's score is measured from when combined with the pixel model's margin
+    threshold: float = 0.0
+    #: weight of its logit beside the pixel model's margin (its logits run to about ±8)
+    weight: float = 1.0
+    #: its logit (less ``threshold``) counts down to this at most: a veto it cannot apply to
+    #: changes the pixel model is very sure of (it learned buildings, not debris or clearings)
+    floor: float = -np.inf
+    #: the input's height and width are padded to a multiple of this (2^poolings)
+    multiple: int = 8
+    #: it also runs at these multiples of ``work_res_m``; a pixel's logit is the largest
+    #: (objects wider than its field of view, e.g. warehouse roofs, show at a coarser scale)
+    scales: tuple[float, ...] = (1.0,)
+
+    def coarsest_m(self) -> float:
+        """The coarsest pixel size it runs at."""
+        return self.work_res_m * max(self.scales)
+
+    def vote(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
+             res_m: float) -> np.ndarray:
+        """What the network adds to a pixel model's margin: ``weight * (logit - threshold)``,
+        the logit being the largest over :attr:`scales`."""
+        z = predict(self, before, after, valid, res_m)
+        for s in self.scales:
+            if s != 1.0:
+                np.maximum(z, predict(self, before, after, valid, res_m, s), out=z)
+        return self.weight * np.maximum(z - self.threshold, self.floor)
+
+    def covers(self, res_m: float) -> bool:
+        return self.res_range_m[0] <= res_m <= self.res_range_m[1]
+
+
+def paths(model_dir: Path, name: str) -> tuple[Path, Path]:
+    """Network ``cnn_<name>.onnx`` and its JSON sidecar in a model folder."""
+    return model_dir / f"cnn_{name}.onnx", model_dir / f"cnn_{name}.json"
+
+
+def net_for(model_dir: Path, res_m: float, threads: int = 2) -> Net | None:
+    """The folder's network for imagery of ``res_m``, or None when it has none."""
+    for onnx in sorted(model_dir.glob("cnn_*.onnx")):
+        js = onnx.with_suffix(".json")
+        if js.exists():
+            net = _load_net(onnx, js, threads)
+            if net.covers(res_m):
+                return net
+    return None
+
+
+@lru_cache(maxsize=8)
+def _load_net(onnx: Path, js: Path, threads: int) -> Net:
+    meta = json.loads(js.read_text())
+    lo, hi = meta["res_range_m"]
+    return Net(load(onnx, threads), (float(lo), float(hi)), float(meta["work_res_m"]),
+               float(meta.get("threshold", 0.0)), float(meta.get("weight", 1.0)),
+               float(meta.get("floor", -np.inf)),
+               int(meta.get("multiple", 8)),
+               tuple(float(x) for x in meta.get("scales", (1.0,))))
+
+
+@lru_cache(maxsize=4)
+def load(path: Path, threads: int = 2) -> Any:
+    """An onnxruntime session for the model file (cached per path)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def predict(net: Net, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
+            res_m: float, scale: float = 1.0) -> np.ndarray:
+    """Change logit per pixel, ``(h, w)`` float32 (-20 where not valid), the network run at
+    ``scale`` times its working pixel size."""
+    f = factor(res_m, net.work_res_m * scale)
+    x = downsample(model_input(before, after, valid), f).astype(np.float32)
+    h, w = x.shape[1:]
+    ph, pw = -h % net.multiple, -w % net.multiple
+    if ph or pw:
+        x = np.pad(x, ((0, 0), (0, ph), (0, pw)), mode="reflect")
+    out = net.session.run(None, {"x": x[None]})[0][0, 0, :h, :w]
+    if f > 1:
+        out = ndi.zoom(out, f, order=1, mode="nearest", grid_mode=True)
+    H, W = valid.shape
+    out = np.pad(out, ((0, max(0, H - out.shape[0])), (0, max(0, W - out.shape[1]))),
+                 mode="edge")[:H, :W]
+    return np.where(valid, out, -20.0).astype(np.float32)

@@ -1,0 +1,144 @@
+"""The sub-metre RGB change network: resampling, loading, and what it finds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from pipeline.detect import cnn
+from pipeline.detect.learned import MODEL_DIR, LearnedDetector, decide
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = ROOT.parent / "shared" / "data" / "cases"
+RGB = ("red", "green", "blue")
+
+
+def test_downsample_is_the_block_mean() -> None:
+    x = np.arange(2 * 5 * 7, dtype=np.float32).reshape(2, 5, 7)
+    d = cnn.downsample(x, 2)
+    assert d.shape == (2, 3, 4)
+    assert d[1, 0, 0] == pytest.approx(x[1, :2, :2].mean())
+    assert d[0, 1, 2] == pytest.approx(x[0, 2:4, 4:6].mean())
+    # the odd last row/column is padded by reflection
+    assert d[0, 2, 3] == pytest.approx(np.mean([x[0, 4, 6], x[0, 4, 5], x[0, 3, 6],
+                                                x[0, 3, 5]]))
+    assert cnn.downsample(x, 1) is x
+
+
+def test_factor_brings_pixels_near_the_working_size() -> None:
+    assert [cnn.factor(r, 1.0) for r in (0.3, 0.5, 0.8, 1.0, 2.0)] == [3, 2, 1, 1, 1]
+    assert cnn.factor(10.0, 10.0) == 1
+
+
+def test_folder_without_network(tmp_path) -> None:
+    assert cnn.net_for(tmp_path, 0.5) is None
+
+
+def test_shipped_networks_load() -> None:
+    for name in ("rgb_1m",):
+        onnx, js = cnn.paths(MODEL_DIR, name)
+        assert onnx.stat().st_size < 5_000_000  # 0.95 M float32 weights
+        assert "research" in json.loads(js.read_text())["licence"]
+    net = cnn.net_for(MODEL_DIR, 0.5)
+    assert net is not None and net.work_res_m == 1.0
+    assert cnn.net_for(MODEL_DIR, 30.0) is None
+
+
+def _ground(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Dry, textured ground (fine to coarse detail), reflectance-like RGB."""
+    rng = np.random.default_rng(seed)
+    g = np.full(shape, 0.25)
+    for sigma, amp in ((1, 0.03), (4, 0.04), (12, 0.05)):
+        t = ndi.gaussian_filter(rng.standard_normal(shape), sigma)
+        g += amp * t / t.std()
+    img = np.stack([0.9 * g, g, 0.75 * g]) + 0.015 * rng.standard_normal((3, *shape))
+    return np.clip(img, 0.0, 1.0).astype(np.float32)
+
+
+BOXES = [(30, 30, 54, 60), (30, 150, 56, 176), (150, 60, 176, 96), (160, 170, 186, 200)]
+
+
+def _houses(img: np.ndarray, boxes: list[tuple[int, int, int, int]], seed: int) -> np.ndarray:
+    """Light roofs (12-18 m at 0.5 m) with shadows cast to the south-east."""
+    rng = np.random.default_rng(seed)
+    out = img.copy()
+    for r0, c0, r1, c1 in boxes:
+        out[:, r0 + 3:r1 + 5, c0 + 3:c1 + 5] *= 0.5
+        out[:, r0:r1, c0:c1] = (np.array([0.6, 0.55, 0.5])[:, None, None]
+                                + 0.03 * rng.standard_normal((3, r1 - r0, c1 - c0)))
+    return np.clip(out + 0.01 * rng.standard_normal(out.shape), 0.0, 1.0).astype(np.float32)
+
+
+def test_network_sees_new_houses_not_illumination() -> None:
+    net = cnn.net_for(MODEL_DIR, 0.5)
+    before = _ground((256, 256), 0)
+    after = _houses(before, BOXES, 1)
+    valid = np.ones((256, 256), bool)
+    valid[:, :8] = False
+    z = cnn.predict(net, before, after, valid, 0.5)
+    assert z.shape == valid.shape and z.dtype == np.float32
+    assert (z[:, :8] == -20.0).all()
+    found = [(z[r0:r1, c0:c1] > 0).mean() > 0.5 for r0, c0, r1, c1 in BOXES]
+    assert sum(found) >= 3, found
+    houses = np.zeros_like(valid)
+    for r0, c0, r1, c1 in BOXES:
+        houses[r0:r1 + 6, c0:c1 + 6] = True
+    assert (z[~ndi.binary_dilation(houses, iterations=6) & valid] > 0).mean() < 0.01
+    # the same ground under other light, or simply twice, is not change
+    for other in ((1.3 * before + 0.04).astype(np.float32), before):
+        assert (net.vote(before, other, valid, 0.5) > 0).mean() < 0.01
+
+
+def test_detector_adds_the_network_at_sub_metre_only(tmp_path) -> None:
+    before = _ground((256, 256), 2)
+    after = _houses(before, BOXES, 3)
+    valid = np.ones((256, 256), bool)
+    with_net = LearnedDetector(RGB, 0.5)(before, after, valid, RGB, 0.5)["change"]
+    without = LearnedDetector(RGB, 0.5, network=False)(before, after, valid, RGB, 0.5)["change"]
+    assert not np.array_equal(with_net, without)
+    # a model folder without the network decides as network=False does
+    for f in MODEL_DIR.glob("learned_rgb*"):
+        shutil.copy(f, tmp_path / f.name)
+    bare = LearnedDetector(RGB, 0.5, model_dir=tmp_path)(before, after, valid, RGB, 0.5)
+    assert np.array_equal(bare["change"], without)
+    # outside every network's pixel-size range (Landsat's 30 m) none is used
+    at30 = LearnedDetector(RGB, 30.0)(before, after, valid, RGB, 30.0)["change"]
+    at30_off = LearnedDetector(RGB, 30.0, network=False)(before, after, valid, RGB, 30.0)
+    assert np.array_equal(at30, at30_off["change"])
+
+
+def test_config_switches_the_network_off() -> None:
+    from pipeline.config import DetectionConfig
+    from pipeline.detect.registry import get_detector
+
+    assert DetectionConfig().building_network
+    on = get_detector("auto", RGB, 0.5)
+    off = get_detector("auto", RGB, 0.5, network=False)
+    assert on.det.network and not off.det.network
+    assert on.halo >= off.halo
+
+
+@pytest.mark.skipif(not CASES.exists(), reason="../shared absent")
+def test_real_levir_tile_network_raises_precision() -> None:
+    """Held out: the fold network that never saw ``test_102`` (fold 1 of the case split)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from accuracy import FOLD_CACHE, counts, load_case, scores
+
+    fold = FOLD_CACHE / "cases" / "1"
+    if cnn.net_for(fold, 0.5) is None:
+        pytest.skip("fold networks not trained (bench/accuracy.py trains them)")
+    case = load_case(CASES / "levir" / "test_102")
+    assert "levir/test_102" in json.loads(cnn.paths(fold, "rgb_1m")[1].read_text())["test_cases"]
+    got = {}
+    for net in (True, False):
+        det = LearnedDetector(case.roles, case.res_m, model_dir=fold, network=net)
+        out = det(case.before, case.after, case.valid, case.roles, case.res_m)
+        got[net] = scores(counts(decide(out["change"], case.valid, case.res_m), case.label))
+    assert got[True]["precision"] > got[False]["precision"] + 0.1
+    assert got[True]["f1"] > got[False]["f1"]
