@@ -60,9 +60,6 @@ class Net:
     threshold: float = 0.0
     #: weight of its logit beside the pixel model's margin (its logits run to about ±8)
     weight: float = 1.0
-    #: its logit (less ``threshold``) counts down to this at most: a veto it cannot apply to
-    #: changes the pixel model is very sure of (it learned buildings, not debris or clearings)
-    floor: float = -np.inf
     #: the input's height and width are padded to a multiple of this (2^poolings)
     multiple: int = 8
     #: it also runs at these multiples of ``work_res_m``; a pixel's logit is the largest
@@ -81,7 +78,7 @@ class Net:
         for s in self.scales:
             if s != 1.0:
                 np.maximum(z, predict(self, before, after, valid, res_m, s), out=z)
-        return self.weight * np.maximum(z - self.threshold, self.floor)
+        return self.weight * (z - self.threshold)
 
     def covers(self, res_m: float) -> bool:
         return self.res_range_m[0] <= res_m <= self.res_range_m[1]
@@ -109,7 +106,6 @@ def _load_net(onnx: Path, js: Path, threads: int) -> Net:
     lo, hi = meta["res_range_m"]
     return Net(load(onnx, threads), (float(lo), float(hi)), float(meta["work_res_m"]),
                float(meta.get("threshold", 0.0)), float(meta.get("weight", 1.0)),
-               float(meta.get("floor", -np.inf)),
                int(meta.get("multiple", 8)),
                tuple(float(x) for x in meta.get("scales", (1.0,))))
 
