@@ -99,9 +99,11 @@ def test_detector_adds_the_network_at_sub_metre_only(tmp_path) -> None:
     before = _ground((256, 256), 2)
     after = _houses(before, BOXES, 3)
     valid = np.ones((256, 256), bool)
-    with_net = LearnedDetector(RGB, 0.5)(before, after, valid, RGB, 0.5)["change"]
+    out = LearnedDetector(RGB, 0.5)(before, after, valid, RGB, 0.5)
     without = LearnedDetector(RGB, 0.5, network=False)(before, after, valid, RGB, 0.5)["change"]
-    assert not np.array_equal(with_net, without)
+    assert not np.array_equal(out["change"], without)
+    # the decision without the network rides along for classify's open-ground layers
+    assert np.array_equal(out["change_any"], without)
     # a model folder without the network decides as network=False does
     for f in MODEL_DIR.glob("learned_rgb*"):
         shutil.copy(f, tmp_path / f.name)

@@ -221,6 +221,13 @@ def decide(change: np.ndarray, valid: np.ndarray, res_m: float) -> np.ndarray:
     return decide_raw(change, valid, res_m, 0.5)
 
 
+def _as_change(decided: np.ndarray, p: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The ``change`` layer: the model's decision is final. Decided objects become seeds of
+    the classifier's hysteresis (>= P_DECIDED) and nothing else grows into them."""
+    out = np.where(decided, np.maximum(p, P_DECIDED), np.minimum(p, P_UNDECIDED))
+    return np.where(valid, out, 0.0).astype(np.float32)
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
 
@@ -261,8 +268,8 @@ class LearnedDetector:
             ``learned_<set>_objects.*`` is in the model folder; False: pixel decision only.
         network: on RGB imagery within the range of a network in the model folder
             (:mod:`pipeline.detect.cnn`, ``cnn_<name>.onnx``), add its vote to the pixel
-            model's margin and decide on the sum (instead of the object stage); the pixel
-            model's decision alone is returned too, as ``change_any``.
+            model's margin and decide on the sum; the decision without it (object stage
+            included) is returned too, as ``change_any``.
     """
 
     def __init__(self, roles: Sequence[str] | None = None, res_m: float | None = None, *,
@@ -305,32 +312,25 @@ class LearnedDetector:
             raw = predict_map(model.booster, stack, valid, res_m, self.threads)
             p = model.calibrate(raw, res_m)
             t = model.threshold_raw(res_m)
-            net = (C.net_for(self.model_dir, res_m, self.threads) if self.network
-                   else None)
             obj = O.load_object_model(kind, self.model_dir) if self.objects else None
-            if kind == "rgb" and net is not None:
-                # shape and context from the network, added to the pixel model's margin
-                rgb = [roles.index(r) for r in F.RGB]
-                z = F.logit(raw) - F.logit(t) + net.vote(before[rgb], after[rgb], valid, res_m)
-                # the pixel model's own decision too: classify keeps it inside forest,
-                # farmland and ecological land, where cleared or hardened ground is the finding
-                alone = decide_raw(raw, valid, res_m, t)
-                extra["change_any"] = np.where(
-                    valid & alone, np.maximum(p, P_DECIDED),
-                    np.where(valid, np.minimum(p, P_UNDECIDED), 0.0)).astype(np.float32)
-                decided = decide_raw(z, valid, res_m, 0.0)
-                p = _sigmoid(z)
-            elif obj is None:
+            if obj is None:
                 decided = decide_raw(raw, valid, res_m, t)
             else:  # object stage: candidates, each accepted or rejected as a whole
                 cand = decide_raw(raw, valid, res_m, obj.candidate_threshold(t))
                 decided = O.filter_objects(obj, cand, raw, t, names, stack, valid, res_m,
                                            self.threads)
-            # the model's own decision is final: decided objects become seeds of the
-            # classifier's hysteresis (>= P_DECIDED) and nothing else grows into them
-            change = np.where(decided, np.maximum(p, P_DECIDED),
-                              np.minimum(p, P_UNDECIDED))
-            change = np.where(valid, change, 0.0)
+            change = _as_change(decided, p, valid)
+            net = (C.net_for(self.model_dir, res_m, self.threads)
+                   if self.network and kind == "rgb" else None)
+            if net is not None:
+                # shape and context from the network, added to the pixel model's margin; the
+                # pixel model's own decision stays as change_any: classify keeps it inside
+                # forest, farmland and ecological land, where cleared or hardened ground is
+                # the finding
+                rgb = [roles.index(r) for r in F.RGB]
+                z = F.logit(raw) - F.logit(t) + net.vote(before[rgb], after[rgb], valid, res_m)
+                extra["change_any"] = change
+                change = _as_change(decide_raw(z, valid, res_m, 0.0), _sigmoid(z), valid)
         evidence = spectral_evidence(before, after, valid, roles)
         return {"change": change.astype(np.float32), **extra, **evidence}
 
