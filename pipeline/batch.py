@@ -24,7 +24,7 @@ from rasterio.windows import Window
 from . import align, classify, ingest
 from .blocks import PRELOAD, default_workers, map_blocks, warm_up
 from .config import CategoryConfig, DetectionConfig
-from .detect.registry import get_detector
+from .detect.registry import describe, get_detector
 from .grid import Block, Grid
 from .progress import Progress
 from .types import NO_CHANGE, NOT_OBSERVED
@@ -154,6 +154,8 @@ class PairResult:
     n_valid: int
     excluded: dict[str, int]
     params: align.AlignParams
+    #: the detector and the model files it used (:func:`pipeline.detect.registry.describe`)
+    detector: dict[str, Any] = field(default_factory=dict)
 
 
 def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Grid, *,
@@ -213,4 +215,5 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
                         "block", joined.seam_conflicts, halo)
         mins = {k: c.min_area_m2 for k, c in categories.items()}
         records = to_map(joined, grid.transform, simplify_px=0.5, min_area_m2=mins)
-    return PairResult(records, grid.height * grid.width, n_valid, dict(excluded), params)
+    return PairResult(records, grid.height * grid.width, n_valid, dict(excluded), params,
+                      describe(det, params.roles, grid.res))

@@ -222,6 +222,9 @@ def test_compare_with_bands_and_rules(tmp_path: Path) -> None:
     assert set(gj["status"]) == {"new"}
     assert set(gj["category"]) & set(VIOLATIONS)
     assert not (tmp_path / "register.gpkg").exists()
+    # 1 m RGB+NIR: the spectral detector, no model files
+    man = json.loads((out / "run.json").read_text())
+    assert man["detector"] == {"name": "spectral", "models": {}}
 
 
 def test_verify_false_positive_suppresses_reissue(sample_run: tuple[Path, Path],

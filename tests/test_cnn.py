@@ -144,3 +144,18 @@ def test_real_levir_tile_network_raises_precision() -> None:
         got[net] = scores(counts(decide(out["change"], case.valid, case.res_m), case.label))
     assert got[True]["precision"] > got[False]["precision"] + 0.1
     assert got[True]["f1"] > got[False]["f1"]
+
+
+def test_run_record_names_the_models_used() -> None:
+    from pipeline.detect.registry import describe, get_detector
+
+    d = describe(get_detector("auto", RGB, 0.5), RGB, 0.5)
+    assert d["name"] == "learned"
+    assert set(d["models"]) == {"learned_rgb.txt", "learned_rgb_objects.txt", "cnn_rgb_1m.onnx"}
+    assert all(len(h) == 16 for h in d["models"].values())
+    off = describe(get_detector("auto", RGB, 0.5, network=False), RGB, 0.5)
+    assert "cnn_rgb_1m.onnx" not in off["models"]
+    assert "cnn_rgb_1m.onnx" not in describe(get_detector("auto", RGB, 30.0), RGB, 30.0)["models"]
+    rgbn = ("blue", "green", "red", "nir")
+    assert describe(get_detector("auto", rgbn, 1.0), rgbn, 1.0) == {"name": "spectral",
+                                                                    "models": {}}

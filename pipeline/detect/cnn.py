@@ -65,6 +65,8 @@ class Net:
     #: it also runs at these multiples of ``work_res_m``; a pixel's logit is the largest
     #: (objects wider than its field of view, e.g. warehouse roofs, show at a coarser scale)
     scales: tuple[float, ...] = (1.0,)
+    #: the ONNX file it was loaded from
+    path: Path | None = None
 
     def coarsest_m(self) -> float:
         """The coarsest pixel size it runs at."""
@@ -107,7 +109,7 @@ def _load_net(onnx: Path, js: Path, threads: int) -> Net:
     return Net(load(onnx, threads), (float(lo), float(hi)), float(meta["work_res_m"]),
                float(meta.get("threshold", 0.0)), float(meta.get("weight", 1.0)),
                int(meta.get("multiple", 8)),
-               tuple(float(x) for x in meta.get("scales", (1.0,))))
+               tuple(float(x) for x in meta.get("scales", (1.0,))), onnx)
 
 
 @lru_cache(maxsize=4)

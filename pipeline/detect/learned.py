@@ -293,6 +293,20 @@ class LearnedDetector:
         self.objects = objects
         self.network = network
 
+    def model_files(self, roles: Sequence[str], res_m: float) -> list[Path]:
+        """The model files this detector uses on imagery with these bands and pixel size."""
+        kind = _kind_for(tuple(roles), self.model_dir, res_m, self.exact)
+        if kind is None:
+            return []
+        files = [model_paths(kind, self.model_dir)[0]]
+        obj = O.object_model_paths(kind, self.model_dir)[0]
+        if self.objects and obj.exists():
+            files.append(obj)
+        net = C.net_for(self.model_dir, res_m, self.threads) if self.network else None
+        if kind == "rgb" and net is not None and net.path is not None:
+            files.append(net.path)
+        return files
+
     def __call__(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
                  roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
         roles = tuple(roles)

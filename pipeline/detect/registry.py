@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 from collections.abc import Sequence
@@ -109,3 +110,15 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
             raise ConfigError(f"detection method 'learned' has no model for bands {roles}; "
                               "use method: spectral or auto")
     return SpectralDetector(res_m, threshold=threshold)
+
+
+def describe(det: ChangeDetector, roles: Sequence[str], res_m: float) -> dict[str, object]:
+    """What made the decisions, for ``run.json``: the detector's name and the model files it
+    uses on these bands and pixel size, each with the first 16 hex digits of its SHA-256."""
+    inner = det.det if isinstance(det, _WithEvidence) else det
+    files = getattr(inner, "model_files", None)
+    if not callable(files):
+        return {"name": "spectral", "models": {}}
+    return {"name": "learned",
+            "models": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+                       for p in files(roles, res_m)}}
