@@ -14,6 +14,8 @@ import ctypes
 import logging
 import multiprocessing as mp
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, TypeVar
@@ -37,10 +39,27 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THRE
 PRELOAD = ("pipeline.batch", "pipeline.chips")
 
 
-def _init_worker(job: Any) -> None:
+def _init_worker(job: Any, parent: int) -> None:
     global _JOB
     _JOB = job
     _worker_env()
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(pid: int, every_s: float = 1.0) -> None:
+    """End this local worker once process ``pid`` (the one that made the pool) is gone.
+
+    A killed run (SIGKILL, a scheduler's timeout) cannot shut its pool down: its workers would
+    wait for tasks forever, and their fork server with them.
+    """
+    while True:
+        time.sleep(every_s)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:  # alive, owned by someone else
+            pass
 
 
 def _worker_env() -> None:
@@ -117,7 +136,7 @@ def map_blocks(fn: Callable[[J, T], R], job: J, blocks: Iterable[T], *,
         return
     warm_up([fn.__module__])
     with ProcessPoolExecutor(n, mp_context=_context([fn.__module__]),
-                             initializer=_init_worker, initargs=(job,)) as pool:
+                             initializer=_init_worker, initargs=(job, os.getpid())) as pool:
         yield from _bounded(lambda b: pool.submit(_call, fn, b), blocks, 2 * n)
 
 

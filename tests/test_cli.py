@@ -275,6 +275,8 @@ def test_killed_run_leaves_no_output_and_reruns(tmp_path: Path) -> None:
     import signal
     import time
 
+    import psutil
+
     cfg = sample_config(tmp_path)
     runs = tmp_path / "runs"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(cfg), "--run-id",
@@ -283,8 +285,13 @@ def test_killed_run_leaves_no_output_and_reruns(tmp_path: Path) -> None:
     while time.time() < deadline and not list(runs.glob(".k.work-*")):
         time.sleep(0.01)
     assert list(runs.glob(".k.work-*")), "the run never started its block stage"
+    helpers = psutil.Process(proc.pid).children(recursive=True)  # fork server, workers
+    assert helpers
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # the workers notice and end, and their fork server with them
+    gone, alive = psutil.wait_procs(helpers, timeout=15)
+    assert not alive, [p.cmdline()[:3] for p in alive]
     assert not (runs / "k" / "run.json").exists()
     assert not (runs / "k" / "patches.geojson").exists()
     res = tuban("run", cfg, "--run-id", "k")
