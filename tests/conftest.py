@@ -25,16 +25,6 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MakeRaster = Callable[..., Path]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _stop_fork_server() -> Any:
-    """Stop this test process's fork server at the end: pytest-xdist workers exit without
-    multiprocessing's exit handlers, which left a fork server and a worker behind per run."""
-    yield
-    from multiprocessing import forkserver
-
-    forkserver._forkserver._stop()
-
-
 @pytest.fixture
 def make_raster(tmp_path: Path) -> MakeRaster:
     """Factory writing a GeoTIFF into ``tmp_path`` (subfolders allowed in ``name``)."""
