@@ -271,7 +271,7 @@ def fold_networks(cases_root: Path, all_dirs: list[Path], cache: Path) -> None:
     except (OSError, ValueError):
         pass
     stamp.unlink(missing_ok=True)
-    for old in (cache / "cases").glob("*/cnn_rgb.*"):
+    for old in (cache / "cases").glob("*/cnn_*"):
         old.unlink()
     try:
         import torch  # noqa: F401

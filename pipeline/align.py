@@ -291,6 +291,11 @@ class AlignParams:
     offset: tuple[float, ...] = field(default=())
     roles: tuple[str, ...] = ()
     n_shift_windows: int = 0  # windows whose shift estimate was confident
+    #: per band of ``roles``, the scene's 2 and 98 % percentiles of ``before`` and of the
+    #: normalised ``after`` (from the sample windows): detectors that stretch their input use
+    #: these, so that a block's result does not depend on the block. Empty: not estimated.
+    stretch_before: tuple[tuple[float, float], ...] = ()
+    stretch_after: tuple[tuple[float, float], ...] = ()
 
 
 def common_roles(before: ImageSource, after: ImageSource) -> tuple[str, ...]:
@@ -408,7 +413,28 @@ def fit_alignment(before: ImageSource, after: ImageSource, grid: Grid, *, coregi
             movs.append(mb)
         ref, mov = np.concatenate(refs, axis=2), np.concatenate(movs, axis=2)
         gain, offset = estimate_radiometry(ref, mov, np.ones(ref.shape[1:], bool))
-    return AlignParams(shift, tuple(map(float, gain)), tuple(map(float, offset)), roles, n_ok)
+    sb = _percentiles([(a, va) for _, (a, va, _, _) in passes])
+    sa = _percentiles([(b, vb) for _, (_, _, b, vb) in passes])
+    if sa:  # the after image as the blocks see it: normalised (a positive gain keeps order)
+        sa = tuple((lo * g + o, hi * g + o) if g > 0 else (lo, hi)
+                   for (lo, hi), g, o in zip(sa, gain.tolist(), offset.tolist(), strict=True))
+    return AlignParams(shift, tuple(map(float, gain)), tuple(map(float, offset)), roles, n_ok,
+                       sb, sa)
+
+
+def _percentiles(windows: list[tuple[np.ndarray, np.ndarray]],
+                 q: tuple[float, float] = (2.0, 98.0)) -> tuple[tuple[float, float], ...]:
+    """Per band, percentiles ``q`` over the valid pixels of all windows; () when too few."""
+    parts = [a[:, v] for a, v in windows if v.any()]
+    if not parts:
+        return ()
+    x = np.concatenate(parts, axis=1)
+    if x.shape[1] < 1_000:
+        return ()
+    if x.shape[1] > 400_000:
+        x = x[:, :: x.shape[1] // 400_000]
+    p = np.percentile(x, q, axis=1).T
+    return tuple((float(lo), float(hi)) for lo, hi in p)
 
 
 def read_aligned_block(before: ImageSource, after: ImageSource, grid: Grid, window: Window,

@@ -67,8 +67,16 @@ class BlockResult:
 
 
 @lru_cache(maxsize=4)
-def _detector(method: str, roles: tuple[str, ...], res: float, network: bool = True) -> Any:
-    return get_detector(method, roles, res, network=network)
+def _detector(method: str, roles: tuple[str, ...], res: float, network: bool = True,
+              stretch: tuple[tuple[tuple[float, float], ...], ...] = ()) -> Any:
+    st = tuple(np.asarray(x, np.float32) for x in stretch) if stretch else None
+    return get_detector(method, roles, res, network=network, stretch=st)
+
+
+def _stretch(params: align.AlignParams) -> tuple[tuple[tuple[float, float], ...], ...]:
+    """The scene's stretch from the alignment, as ``_detector`` takes it (() when unknown)."""
+    ok = params.stretch_before and params.stretch_after
+    return (params.stretch_before, params.stretch_after) if ok else ()
 
 
 def _rules_for(rules: dict[str, gpd.GeoDataFrame], grid: Grid) -> dict[str, gpd.GeoDataFrame]:
@@ -87,7 +95,8 @@ def process_block(job: BlockJob, block: Block) -> BlockResult:
         cloud_mask=job.detection.cloud_mask)
     res = job.grid.res
     roles = job.params.roles
-    det = _detector(job.detection.method, roles, res, job.detection.building_network)
+    det = _detector(job.detection.method, roles, res, job.detection.building_network,
+                    _stretch(job.params))
     evidence = det(before, after, valid, roles, res)
     del before, after  # the block's imagery is not needed past the detector
     outer_grid = job.grid.subgrid(block.outer)
@@ -97,7 +106,7 @@ def process_block(job: BlockJob, block: Block) -> BlockResult:
         evidence, masks, valid, res_m=res, cfg=job.detection, categories=job.categories,
         core=core)
     cat_core = np.ascontiguousarray(category[core])
-    ev_core = {k: v[core] for k, v in evidence.items() if k != "change"}
+    ev_core = {k: v[core] for k, v in evidence.items() if k not in ("change", "change_any")}
     ev_core["confidence"] = confidence[core]
     parcel = masks.get(classify.PARCEL_KEY)
     polys = block_polygons(cat_core, block.core, job.grid.shape, ev_core,
@@ -179,7 +188,8 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
                                      workers=n_workers if pool else 1, scheduler=scheduler)
         log.info("alignment: shift %s px, gain %s", params.shift_px,
                  np.round(np.asarray(params.gain), 3).tolist())
-    det = _detector(detection.method, params.roles, grid.res, detection.building_network)
+    det = _detector(detection.method, params.roles, grid.res, detection.building_network,
+                    _stretch(params))
     halo = max(DEFAULT_HALO, int(getattr(det, "halo", 0)))
     job = BlockJob(before, after, grid, params, rules, detection, categories, resampling)
     blocks = list(grid.blocks(block_size, halo=halo))

@@ -92,6 +92,11 @@ def test_shift_sign_end_to_end_with_read_block(make_raster, texture) -> None:
     err_moved = np.abs(ref[2] - (moved[2] - offset) / gain).mean()
     assert err_moved < 0.25 * err_plain  # re-read with the shift, the images agree much better
 
+    # the scene's stretch: before's percentiles, and after's as the blocks see it (normalised)
+    whole = np.percentile(to_dn(before).reshape(4, -1) / 10_000, [2, 98], axis=1).T
+    assert np.allclose(params.stretch_before, whole, rtol=0.05)
+    assert np.allclose(params.stretch_after, params.stretch_before, rtol=0.05)
+
     bb, aa, valid = read_aligned_block(b_src, a_src, grid, win, params)
     assert bb.shape == aa.shape == (4, 400, 400) and valid.all()
     assert np.abs(bb - aa).mean() < 0.25 * np.abs(ref - plain).mean()

@@ -36,6 +36,21 @@ def test_factor_brings_pixels_near_the_working_size() -> None:
     assert cnn.factor(10.0, 10.0) == 1
 
 
+def test_input_of_a_block_matches_the_whole_scene_with_its_stretch() -> None:
+    from pipeline.detect import features as F
+
+    before, after = _ground((200, 240), 5), _ground((200, 240), 6) * 1.4
+    valid = np.ones((200, 240), bool)
+    whole = cnn.model_input(before, after, valid)
+    stretch = (F.stretch_params(before, valid), F.stretch_params(after, valid))
+    part = (slice(20, 90), slice(150, 240))
+    mine = cnn.model_input(before[:, part[0], part[1]], after[:, part[0], part[1]],
+                           valid[part], stretch)
+    assert np.array_equal(mine, whole[:, part[0], part[1]])
+    own = cnn.model_input(before[:, part[0], part[1]], after[:, part[0], part[1]], valid[part])
+    assert not np.allclose(own, whole[:, part[0], part[1]], atol=1e-3)
+
+
 def test_folder_without_network(tmp_path) -> None:
     assert cnn.net_for(tmp_path, 0.5) is None
 

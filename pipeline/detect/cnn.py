@@ -36,12 +36,15 @@ def downsample(x: np.ndarray, f: int) -> np.ndarray:
     return x.reshape(*x.shape[:-2], H, f, W, f).mean((-3, -1))
 
 
-def model_input(before: np.ndarray, after: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """``(6, h, w)`` float32: each date's RGB stretched 2–98 % over ``valid``, centred on 0."""
+def model_input(before: np.ndarray, after: np.ndarray, valid: np.ndarray,
+                stretch: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """``(6, h, w)`` float32: each date's RGB stretched 2–98 % (the scene's percentiles
+    ``stretch``, ``(3, 2)`` per date, else those of ``valid`` here), centred on 0."""
     parts = []
-    for img in (before, after):
+    for i, img in enumerate((before, after)):
         img = np.nan_to_num(img.astype(np.float32))
-        parts.append(F._stretch(img, F.stretch_params(img, valid)) - 0.5)
+        params = F.stretch_params(img, valid) if stretch is None else stretch[i]
+        parts.append(F._stretch(img, params) - 0.5)
     x = np.concatenate(parts)
     x[:, ~valid] = 0.0
     return x
@@ -72,14 +75,14 @@ class Net:
         """The coarsest pixel size it runs at."""
         return self.work_res_m * max(self.scales)
 
-    def vote(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
-             res_m: float) -> np.ndarray:
+    def vote(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray, res_m: float,
+             stretch: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """What the network adds to a pixel model's margin: ``weight * (logit - threshold)``,
         the logit being the largest over :attr:`scales`."""
-        z = predict(self, before, after, valid, res_m)
+        z = predict(self, before, after, valid, res_m, stretch=stretch)
         for s in self.scales:
             if s != 1.0:
-                np.maximum(z, predict(self, before, after, valid, res_m, s), out=z)
+                np.maximum(z, predict(self, before, after, valid, res_m, s, stretch), out=z)
         return self.weight * (z - self.threshold)
 
     def covers(self, res_m: float) -> bool:
@@ -124,11 +127,12 @@ def load(path: Path, threads: int = 2) -> Any:
 
 
 def predict(net: Net, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
-            res_m: float, scale: float = 1.0) -> np.ndarray:
+            res_m: float, scale: float = 1.0,
+            stretch: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Change logit per pixel, ``(h, w)`` float32 (-20 where not valid), the network run at
-    ``scale`` times its working pixel size."""
+    ``scale`` times its working pixel size (``stretch``: see :func:`model_input`)."""
     f = factor(res_m, net.work_res_m * scale)
-    x = downsample(model_input(before, after, valid), f).astype(np.float32)
+    x = downsample(model_input(before, after, valid, stretch), f).astype(np.float32)
     h, w = x.shape[1:]
     ph, pw = -h % net.multiple, -w % net.multiple
     if ph or pw:

@@ -342,7 +342,10 @@ class LearnedDetector:
                 # forest, farmland and ecological land, where cleared or hardened ground is
                 # the finding
                 rgb = [roles.index(r) for r in F.RGB]
-                z = F.logit(raw) - F.logit(t) + net.vote(before[rgb], after[rgb], valid, res_m)
+                st = None if self.stretch is None else (self.stretch[0][rgb],
+                                                        self.stretch[1][rgb])
+                z = (F.logit(raw) - F.logit(t)
+                     + net.vote(before[rgb], after[rgb], valid, res_m, st))
                 extra["change_any"] = change
                 change = _as_change(decide_raw(z, valid, res_m, 0.0), _sigmoid(z), valid)
         evidence = spectral_evidence(before, after, valid, roles)

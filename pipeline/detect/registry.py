@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 DETECTORS: tuple[str, ...] = ("auto", "spectral", "cva", "learned")
 
 
-def _learned(roles: tuple[str, ...], res_m: float, exact: bool,
-             network: bool = True) -> ChangeDetector | None:
+def _learned(roles: tuple[str, ...], res_m: float, exact: bool, network: bool = True,
+             stretch: tuple[np.ndarray, np.ndarray] | None = None) -> ChangeDetector | None:
     """The learned detector for these bands, or None when it or its model is unavailable.
 
     ``exact``: only a model trained for exactly this band set and pixel size (``auto``); else an
@@ -39,7 +39,8 @@ def _learned(roles: tuple[str, ...], res_m: float, exact: bool,
         factory = getattr(mod, "load_detector", None) or getattr(mod, "LearnedDetector", None)
         if factory is None:
             return None
-        det = factory(roles=roles, res_m=res_m, exact=exact, network=network)
+        det = factory(roles=roles, res_m=res_m, exact=exact, network=network,
+                      stretch=stretch)
     except Exception as err:  # noqa: BLE001 - missing/invalid model: fall back
         log.info("learned detector has no usable model for bands %s: %s", roles, err)
         return None
@@ -84,7 +85,8 @@ class _WithEvidence:
 
 
 def get_detector(name: str, roles: Sequence[str], res_m: float, *,
-                 threshold: float | None = None, network: bool = True) -> ChangeDetector:
+                 threshold: float | None = None, network: bool = True,
+                 stretch: tuple[np.ndarray, np.ndarray] | None = None) -> ChangeDetector:
     """Detector ``name`` for these band roles and pixel size.
 
     ``"auto"`` chooses by bands and pixel size only: the learned detector when
@@ -95,7 +97,9 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
     model misses, and Sentinel-2 / Landsat the RGB model. ``"learned"`` lets the RGB model
     serve RGB+NIR imagery at any pixel size. ``threshold`` (noise units) applies to the
     spectral detector; ``network`` lets the learned detector add its change network
-    (:mod:`pipeline.detect.cnn`) where one covers the pixel size. Unknown names raise
+    (:mod:`pipeline.detect.cnn`) where one covers the pixel size; ``stretch`` (the scene's
+    2/98 % percentiles per band of ``roles``, ``(bands, 2)`` per date) makes the learned
+    detector's result independent of the block. Unknown names raise
     :class:`~pipeline.errors.ConfigError`.
     """
     roles = tuple(roles)
@@ -103,7 +107,7 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
     if key not in DETECTORS:
         raise ConfigError(f"unknown detection method {name!r}; use one of {', '.join(DETECTORS)}")
     if key in ("auto", "learned"):
-        det = _learned(roles, res_m, exact=key == "auto", network=network)
+        det = _learned(roles, res_m, exact=key == "auto", network=network, stretch=stretch)
         if det is not None:
             return det
         if key == "learned":
