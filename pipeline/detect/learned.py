@@ -276,10 +276,11 @@ class LearnedDetector:
                  stretch: tuple[np.ndarray, np.ndarray] | None = None, threads: int = 2,
                  model_dir: Path | None = None, exact: bool = False,
                  objects: bool = True, network: bool = True) -> None:
+        model_dir = resolve_model_dir(model_dir)
         r = 0.1 if res_m is None else float(res_m)
         #: context pixels each side: the feature neighbourhoods plus object context for classify
         self.halo = max(F.halo_px(r), min(MAX_CONTEXT_PX, math.ceil(CONTEXT_M / r)))
-        net = C.net_for(resolve_model_dir(model_dir), r, threads) if network else None
+        net = C.net_for(model_dir, r, threads) if network else None
         if net is not None:  # and the network's, in its working pixels
             self.halo = max(self.halo, NET_CONTEXT_PX * C.factor(r, net.coarsest_m()))
         if roles is not None and not has_model(roles, res_m, model_dir, exact):
@@ -287,7 +288,6 @@ class LearnedDetector:
                                     f"{model_dir}; use the spectral detector")
         self.stretch = stretch
         self.threads = threads
-        model_dir = resolve_model_dir(model_dir)
         self.model_dir = model_dir
         self.exact = exact
         self.objects = objects
