@@ -43,6 +43,8 @@ from pipeline.detect import cnn  # noqa: E402
 #: encoder widths (one 2x pooling between levels), training crop (work pixels) and batch
 CHANNELS = (16, 32, 64, 96, 128)
 CROP, BATCH = 192, 8
+
+
 def conv(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
                          nn.ReLU(inplace=True),
@@ -53,7 +55,7 @@ def conv(cin: int, cout: int) -> nn.Sequential:
 class SiamUNet(nn.Module):
     """FC-Siam-diff: one encoder for both dates, decoder on |feature differences|."""
 
-    def __init__(self, ch: tuple[int, ...] = (16, 32, 64, 96)) -> None:
+    def __init__(self, ch: tuple[int, ...] = CHANNELS) -> None:
         super().__init__()
         self.enc = nn.ModuleList()
         cin = 3
@@ -175,7 +177,7 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Ten
 def train(data, steps: int, seed: int, size: int = CROP, batch: int = BATCH) -> SiamUNet:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = SiamUNet(CHANNELS)
+    net = SiamUNet()
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     t0 = time.perf_counter()
@@ -202,7 +204,7 @@ def export(net: SiamUNet, out: Path, name: str, meta: dict) -> None:
     js.write_text(json.dumps(meta, indent=1))
 
 
-def held_out(cases: list, out: Path, work_res_m: float) -> dict[str, float]:
+def held_out(cases: list, out: Path) -> dict[str, float]:
     """Pixel precision, recall and F1 of the network alone (its vote > 0) on ``cases``."""
     tp = fp = fn = 0
     for c in cases:
@@ -232,7 +234,7 @@ def fit(spec: Spec, train_cases: list, test_cases: list, out: Path, seed: int,
             "licence": spec.licence}
     export(net, out, spec.name, meta)
     if test_cases:
-        meta["held_out"] = held_out(test_cases, out, spec.work_res_m)
+        meta["held_out"] = held_out(test_cases, out)
         cnn.paths(out, spec.name)[1].write_text(json.dumps(meta, indent=1))
         print(f"{out} {spec.name}: held out {meta['held_out']}", flush=True)
 
