@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import shutil
@@ -293,6 +294,17 @@ def test_write_evidence(tmp_path: Path, patches: gpd.GeoDataFrame) -> None:
     assert yellow[:200, :200].sum() > 200 and yellow[:200, 204:].sum() > 200
     assert yellow[100, 50] or yellow[100, 49]
     assert img[100, 100].tolist() == [60, 60, 60] and img[100, 304].tolist() == [200] * 3
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (7, 5, 3), (300, 516, 3)])
+def test_encode_png_is_lossless(shape: tuple[int, int, int]) -> None:
+    rgb = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    rgb[..., 0] = 255  # rows that wrap around modulo 256 under the Up filter
+    back = Image.open(io.BytesIO(export.encode_png(rgb)))
+    assert back.mode == "RGB" and back.size == (shape[1], shape[0])
+    np.testing.assert_array_equal(np.asarray(back), rgb)
+    with pytest.raises(ValueError, match="RGB"):
+        export.encode_png(rgb[..., 0])
 
 
 # --------------------------------------------------------------------------- report
