@@ -13,7 +13,8 @@ and reports wall time, throughput (Mpx/s of one date), peak memory (RSS and PSS 
 the process tree, sampled with psutil every 50 ms; PSS counts pages shared by forked workers
 once) and the ratios tuban/floor and tuban/OTB. A
 scene with ~100,000 small changes times vectorize, track and export at scale, and ``--dask``
-compares one and two local Dask workers on the 8000² pair.
+compares one and two local Dask workers on the 8000² pair, beside what this machine gives
+for two copies of the same work at once (its parallel ceiling).
 
     .venv/bin/python bench/speed.py --sizes 4000 8000 16000 [--many] [--dask] [--no-otb]
 
@@ -259,6 +260,42 @@ def io_floor(before: Path, after: Path) -> dict[str, Any]:
     return run_cmd([str(PYTHON), "-c", _READ_SNIPPET, str(before), str(after)])
 
 
+_KERNEL_SNIPPET = """
+import time, numpy as np
+a = np.random.default_rng(0).random((1024, 1024), np.float32)
+t = time.perf_counter()
+for _ in range(150):
+    b = np.sqrt(a * a + 1.0); b.sum()
+print(time.perf_counter() - t)
+"""
+
+
+def _concurrent(cmd: list[str], n: int) -> tuple[float, list[str]]:
+    """Wall time of ``n`` copies of ``cmd`` started together, and what each printed."""
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    outs = [p.communicate()[0] for p in procs]
+    return time.perf_counter() - t0, outs
+
+
+def machine_scaling(before: Path, after: Path) -> dict[str, Any]:
+    """How much faster this machine does two copies of the same work at once than one after
+    the other (2.0 on two independent cores): reading both images (decompression, memory
+    copies) and a float32 numpy kernel. The ceiling for any two-worker speed-up here."""
+    out: dict[str, Any] = {}
+    read = [str(PYTHON), "-c", _READ_SNIPPET, str(before), str(after)]
+    kern = [str(PYTHON), "-c", _KERNEL_SNIPPET]
+    for name, cmd, inner in (("read_both_images", read, False), ("numpy_kernel", kern, True)):
+        _concurrent(cmd, 1)  # warm the page cache
+        t1, o1 = _concurrent(cmd, 1)
+        t2, o2 = _concurrent(cmd, 2)
+        if inner:  # the kernel's own timing, without interpreter start-up
+            t1, t2 = float(o1[0]), max(float(x) for x in o2)
+        out[name] = {"one_s": round(t1, 3), "two_at_once_s": round(t2, 3),
+                     "scaling": round(2 * t1 / t2, 2)}
+    return out
+
+
 def tuban_compare(before: Path, after: Path, *, config: Path | None = None,
                   workers: int | None = None, scheduler: str | None = None) -> dict[str, Any]:
     out = Path(tempfile.mkdtemp(prefix="tuban-bench-")) / "out"
@@ -430,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         dask_cfg = tmp / "dask.yaml"
         dask_cfg.write_text(spectral_cfg.read_text() + "output: {evidence: false}\n")
         report["dask_8000"] = _dask_speedup(before, after, dask_cfg)
+        report["machine"]["parallel_scaling"] = machine_scaling(before, after)
     _write(args.out, report, rows)
     print()
     _print_rows(rows)
@@ -443,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
               f"stages {m.get('stages_s')}")
     if "dask_8000" in report:
         print(_dask_line(report["dask_8000"]))
+        print(_scaling_line(report["machine"]))
     print()
     print(summary_markdown(report, rows))
     shutil.rmtree(tmp, ignore_errors=True)
@@ -454,6 +493,13 @@ def _dask_line(d: dict[str, Any]) -> str:
              f"{d[f'workers_2_{st}']['wall_s']} s, speed-up {d[f'speedup_2_vs_1_{st}']} (detect "
              f"stage {d[f'detect_speedup_2_vs_1_{st}']})" for st in ("cold", "warm")]
     return "Dask 8000² (LocalCluster, 1 thread/worker) " + "; ".join(parts)
+
+
+def _scaling_line(machine: dict[str, Any]) -> str:
+    sc = machine.get("parallel_scaling") or {}
+    parts = [f"{k.replace('_', ' ')} {v['one_s']} s alone, {v['two_at_once_s']} s two at once "
+             f"({v['scaling']}×)" for k, v in sc.items()]
+    return "machine, two copies of the same work at once vs one: " + "; ".join(parts)
 
 
 def summary_markdown(report: dict[str, Any], rows: list[dict]) -> str:
@@ -486,6 +532,7 @@ def summary_markdown(report: dict[str, Any], rows: list[dict]) -> str:
                    f"{m.get('peak_pss_mib')} MiB, stages {m.get('stages_s')}")
     if "dask_8000" in report:
         out.append(f"- {_dask_line(report['dask_8000'])}; target ≥ 1.6")
+        out.append(f"- {_scaling_line(report.get('machine', {}))}")
     load = report.get("machine", {}).get("load_avg")
     if load:
         out.append(f"- machine: {report['machine'].get('cpus')} CPUs, load average at start "

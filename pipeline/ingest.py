@@ -24,6 +24,7 @@ import glob
 import hashlib
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -506,16 +507,20 @@ def _src_px_in_dst(ds: rasterio.DatasetReader, dst_crs: CRS) -> float:
     return max(min(abs(b[2] - b[0]), abs(b[3] - b[1])) / n, 1e-12)
 
 
-_OPEN: dict[tuple[Path, int, int], rasterio.DatasetReader] = {}
+_OPEN: dict[tuple[Path, int, int, int], rasterio.DatasetReader] = {}
 
 
 def _dataset(path: Path) -> rasterio.DatasetReader:
     """An open handle on ``path``, kept per process (one per worker); a file rewritten in
-    place (new size or mtime) gets a fresh handle."""
+    place (new size or mtime) gets a fresh handle. A process forked from one that had the file
+    open opens its own: a handle inherited across fork shares its file offset with the
+    parent's, and concurrent reads through both return corrupt tiles."""
     st = path.stat()
-    key = (path, st.st_mtime_ns, st.st_size)
+    key = (path, st.st_mtime_ns, st.st_size, os.getpid())
     ds = _OPEN.get(key)
     if ds is None or ds.closed:
+        for k in [k for k in _OPEN if k[3] != key[3]]:  # inherited: leave them to the parent
+            del _OPEN[k]
         if len(_OPEN) >= 64:
             for old in _OPEN.values():
                 old.close()

@@ -601,3 +601,30 @@ def test_16bit_rgb_aerial_is_scaled_by_its_bit_depth(make_raster) -> None:
     s2f = open_image(make_raster("s2f.tif", np.full((4, 8, 8), 2500.0, "float32")),
                      sensor="Sentinel-2")
     assert s2f.scale == 1e-4  # float DN, not reflectance: the preset's factor
+
+
+def _fresh_handle_in_child(path: Path, inherited_id: int, conn) -> None:  # forked child
+    from pipeline import ingest
+
+    conn.send(id(ingest._dataset(path)) != inherited_id)
+    conn.close()
+
+
+def test_forked_process_opens_its_own_handle(make_raster) -> None:
+    """A handle inherited across fork shares the parent's file offset (corrupt tiles when
+    both read): a forked process (a notebook's multiprocessing pool) must open its own."""
+    import multiprocessing as mp
+
+    from pipeline import ingest
+
+    path = Path(make_raster("fork.tif", np.full((3, 8, 8), 9, "uint16"),
+                            descriptions=["red", "green", "blue"]))
+    parent = ingest._dataset(path)
+    assert ingest._dataset(path) is parent  # kept within a process
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_fresh_handle_in_child, args=(path, id(parent), send))
+    child.start()
+    assert recv.recv() is True
+    child.join(10)
+    assert child.exitcode == 0 and not parent.closed
