@@ -296,6 +296,9 @@ class AlignParams:
     #: these, so that a block's result does not depend on the block. Empty: not estimated.
     stretch_before: tuple[tuple[float, float], ...] = ()
     stretch_after: tuple[tuple[float, float], ...] = ()
+    #: the scene's medians of the learned detector's ``*_rel`` feature bases, on the same
+    #: windows (set by :func:`pipeline.batch.detect_pair`; empty: each block uses its own)
+    feature_medians: tuple[tuple[str, float], ...] = ()
 
 
 def common_roles(before: ImageSource, after: ImageSource) -> tuple[str, ...]:
@@ -307,6 +310,10 @@ def _select(arr: np.ndarray, src: ImageSource, roles: tuple[str, ...]) -> np.nda
     if src.roles == roles:
         return arr
     return arr[[src.roles.index(r) for r in roles]]
+
+
+#: side of the alignment's sample windows (px); the scene statistics come from the same windows
+SAMPLE_WINDOW_PX = 256
 
 
 def sample_windows(grid: Grid, size: int = 512, n_side: int = 3) -> list[Window]:
@@ -362,7 +369,7 @@ def _window_pass(job: _WindowJob, k: int) -> tuple[tuple[float, float] | None, t
 
 def fit_alignment(before: ImageSource, after: ImageSource, grid: Grid, *, coregister: bool = True,
                   normalize: bool = True, max_shift_px: float = 8.0,
-                  resampling: Resampling = "bilinear", window_px: int = 256,
+                  resampling: Resampling = "bilinear", window_px: int = SAMPLE_WINDOW_PX,
                   n_side: int = 3, workers: int | None = 1,
                   scheduler: str | None = None) -> AlignParams:
     """Estimate the after→before shift and the radiometric gain/offset from ≤ ``n_side``²

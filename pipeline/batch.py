@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ from rasterio.windows import Window
 from . import align, classify, ingest
 from .blocks import PRELOAD, default_workers, map_blocks, warm_up
 from .config import CategoryConfig, DetectionConfig
-from .detect.registry import describe, get_detector
+from .detect.features import halo_px
+from .detect.registry import describe, get_detector, scene_samples, takes_scene_samples
 from .grid import Block, Grid
 from .progress import Progress
 from .types import NO_CHANGE, NOT_OBSERVED
@@ -68,9 +69,18 @@ class BlockResult:
 
 @lru_cache(maxsize=4)
 def _detector(method: str, roles: tuple[str, ...], res: float, network: bool = True,
-              stretch: tuple[tuple[tuple[float, float], ...], ...] = ()) -> Any:
+              stretch: tuple[tuple[tuple[float, float], ...], ...] = (),
+              medians: tuple[tuple[str, float], ...] = ()) -> Any:
     st = tuple(np.asarray(x, np.float32) for x in stretch) if stretch else None
-    return get_detector(method, roles, res, network=network, stretch=st)
+    return get_detector(method, roles, res, network=network, stretch=st,
+                        medians=dict(medians) or None)
+
+
+def _job_detector(job: BlockJob) -> Any:
+    """The detector of a block job, with the scene's statistics from the alignment."""
+    return _detector(job.detection.method, job.params.roles, job.grid.res,
+                     job.detection.building_network, _stretch(job.params),
+                     job.params.feature_medians)
 
 
 def _stretch(params: align.AlignParams) -> tuple[tuple[tuple[float, float], ...], ...]:
@@ -95,9 +105,7 @@ def process_block(job: BlockJob, block: Block) -> BlockResult:
         cloud_mask=job.detection.cloud_mask)
     res = job.grid.res
     roles = job.params.roles
-    det = _detector(job.detection.method, roles, res, job.detection.building_network,
-                    _stretch(job.params))
-    evidence = det(before, after, valid, roles, res)
+    evidence = _job_detector(job)(before, after, valid, roles, res)
     del before, after  # the block's imagery is not needed past the detector
     outer_grid = job.grid.subgrid(block.outer)
     masks = classify.rasterize_rules(_rules_for(job.rules, outer_grid), outer_grid)
@@ -112,6 +120,72 @@ def process_block(job: BlockJob, block: Block) -> BlockResult:
     polys = block_polygons(cat_core, block.core, job.grid.shape, ev_core,
                            None if parcel is None else parcel[core] > 0)
     return BlockResult(cat_core, polys, int(valid[core].sum()), dict(excluded))
+
+
+#: the scene medians sample every ``MEDIAN_STEP``-th row and column of the grid, on the whole
+#: grid up to ``MEDIAN_WHOLE_PX`` pixels (1024², as the models' training cases), else on the
+#: alignment's sample windows
+MEDIAN_STEP = 2
+MEDIAN_WHOLE_PX = 1024 * 1024
+
+
+def median_windows(grid: Grid) -> list[Window]:
+    """Where the learned detector's scene medians are measured (see :data:`MEDIAN_WHOLE_PX`)."""
+    if grid.height * grid.width <= MEDIAN_WHOLE_PX:
+        return [Window(0, 0, grid.width, grid.height)]
+    return align.sample_windows(grid, align.SAMPLE_WINDOW_PX)
+
+
+def _sample_lattice(window: Window, earlier: list[Window], shape: tuple[int, int],
+                    margin: int, step: int = MEDIAN_STEP) -> np.ndarray:
+    """Pixels of ``window`` on the grid's sampling lattice that no ``earlier`` window holds
+    (overlapping windows then sample each pixel once) and that lie ``margin`` px or more from
+    its sides inside the grid (where its neighbourhoods are the scene's; at the grid's own
+    edges every block pads as a whole-image pass does)."""
+    r0, c0, h, w = (int(v) for v in (window.row_off, window.col_off, window.height,
+                                     window.width))
+    rows = np.arange(r0, r0 + h)
+    cols = np.arange(c0, c0 + w)
+    rok = (rows % step == 0) & ((rows >= r0 + margin) | (r0 == 0)) & (
+        (rows < r0 + h - margin) | (r0 + h >= shape[0]))
+    cok = (cols % step == 0) & ((cols >= c0 + margin) | (c0 == 0)) & (
+        (cols < c0 + w - margin) | (c0 + w >= shape[1]))
+    keep = rok[:, None] & cok[None, :]
+    for e in earlier:
+        er, ec = int(e.row_off) - r0, int(e.col_off) - c0
+        keep[max(0, er):max(0, er + int(e.height)), max(0, ec):max(0, ec + int(e.width))] = False
+    return keep
+
+
+def window_samples(job: BlockJob, k: int) -> dict[str, np.ndarray] | None:
+    """Scene-median window ``k``'s share of the detector's scene statistics (None: the
+    detector takes none)."""
+    wins = median_windows(job.grid)
+    before, after, valid = align.read_aligned_block(
+        job.before, job.after, job.grid, wins[k], job.params,
+        cloud_mask=job.detection.cloud_mask)
+    keep = _sample_lattice(wins[k], wins[:k], job.grid.shape, halo_px(job.grid.res))
+    return scene_samples(_job_detector(job), before, after, valid, job.params.roles,
+                         job.grid.res, keep)
+
+
+def with_scene_medians(job: BlockJob) -> align.AlignParams:
+    """``job.params`` with the learned detector's scene medians, measured on the whole scene or
+    the alignment's sample windows (:func:`median_windows`): every block then divides its
+    ``*_rel`` features by the same medians, whatever the block size. Unchanged for detectors
+    without scene statistics.
+
+    Here, not on the workers: this process has the model loaded already, and a worker would
+    load it once for the windows and again in the block pool (LEVIR 1024², 2 workers: align
+    stage 2.3 s there, 0.9 s here).
+    """
+    from .detect.features import scene_medians
+
+    if not takes_scene_samples(_job_detector(job)):
+        return job.params
+    n = len(median_windows(job.grid))
+    samples = [s for k in range(n) if (s := window_samples(job, k)) is not None]
+    return replace(job.params, feature_medians=tuple(sorted(scene_medians(samples).items())))
 
 
 def process_run(job: BlockJob, run: list[Block]) -> list[BlockResult]:
@@ -188,10 +262,11 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
                                      workers=n_workers if pool else 1, scheduler=scheduler)
         log.info("alignment: shift %s px, gain %s", params.shift_px,
                  np.round(np.asarray(params.gain), 3).tolist())
-    det = _detector(detection.method, params.roles, grid.res, detection.building_network,
-                    _stretch(params))
+        job = BlockJob(before, after, grid, params, rules, detection, categories, resampling)
+        params = with_scene_medians(job)
+    job = replace(job, params=params)
+    det = _job_detector(job)
     halo = max(DEFAULT_HALO, int(getattr(det, "halo", 0)))
-    job = BlockJob(before, after, grid, params, rules, detection, categories, resampling)
     blocks = list(grid.blocks(block_size, halo=halo))
     parts: list[tuple[int, BlockPolygons]] = []
     excluded: Counter[str] = Counter()

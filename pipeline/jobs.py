@@ -85,7 +85,9 @@ def _finish(out_dir: Path, change_tif: Path, *, cfg: PipelineConfig, grid: Grid,
                       "gain": np.asarray(pair.params.gain, float).tolist(),
                       "offset": np.asarray(pair.params.offset, float).tolist(),
                       "roles": list(pair.params.roles),
-                      "n_shift_windows": int(pair.params.n_shift_windows)},
+                      "n_shift_windows": int(pair.params.n_shift_windows),
+                      # what the learned detector's *_rel features divide by, scene-wide
+                      "feature_medians": dict(pair.params.feature_medians)},
     })
     with timings.stage("export"):
         manifest["timings_s"] = timings

@@ -43,6 +43,35 @@ def test_features_finite_and_shaped(roles: tuple[str, ...]) -> None:
     assert ("d_ndvi_r1" in names) == ("nir" in roles)
 
 
+def test_scene_medians_make_a_block_equal_the_whole_image() -> None:
+    """With the scene's stretch and medians, a block's features away from its edges are
+    exactly the whole image's; with its own medians the ``*_rel`` features differ."""
+    roles = ("red", "green", "blue")
+    a, b = _scene((160, 160), 3, 1), _scene((160, 160), 3, 2)
+    b[:, 20:60, 20:60] += 0.3  # a change in one corner: the block medians differ from the scene's
+    valid = np.ones((160, 160), bool)
+    res = 1.0
+    stretch = (F.stretch_params(a, valid), F.stretch_params(b, valid))
+    windows = [(slice(r, r + 64), slice(c, c + 64)) for r in (0, 48, 96) for c in (0, 48, 96)]
+    samples = [F.median_samples(a[:, r, c], b[:, r, c], valid[r, c], roles, res, stretch=stretch)
+               for r, c in windows]
+    m = F.halo_px(res)
+    assert all(len(s["mag"]) == (64 - 2 * m) ** 2 for s in samples)  # window edges left out
+    medians = F.scene_medians(samples)
+    assert sorted(medians) == sorted(F.REL_BASES)
+    names, whole = F.compute(a, b, valid, roles, res, stretch=stretch, medians=medians)
+    blk = (slice(0, 80), slice(0, 80))
+    _, own = F.compute(a[:, blk[0], blk[1]], b[:, blk[0], blk[1]], valid[blk], roles, res,
+                       stretch=stretch)
+    _, scene = F.compute(a[:, blk[0], blk[1]], b[:, blk[0], blk[1]], valid[blk], roles, res,
+                         stretch=stretch, medians=medians)
+    core = (slice(None), slice(0, 80 - m), slice(0, 80 - m))
+    np.testing.assert_allclose(scene[core], whole[:, :80, :80][core], rtol=1e-5, atol=1e-6)
+    rel = [i for i, n in enumerate(names) if n.endswith("_rel")]
+    assert not np.allclose(own[rel][core], whole[rel][:, :80, :80][core])
+    assert F.scene_medians(samples[:1], min_pixels=10**6) == {}  # too few: each block its own
+
+
 def test_features_need_rgb() -> None:
     with pytest.raises(ValueError, match="red, green and blue"):
         F.feature_set(("nir", "swir1"))

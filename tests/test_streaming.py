@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import subprocess
 import sys
@@ -12,9 +13,12 @@ import numpy as np
 import pytest
 import rasterio
 import yaml
+from affine import Affine
 
 from pipeline import align, batch, ingest
 from pipeline.config import load_config
+from pipeline.detect import features as F
+from pipeline.grid import Grid
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,6 +57,26 @@ def test_small_blocks_give_identical_patches_and_raster(runs: tuple[Path, Path])
         np.testing.assert_array_equal(x.read(1), y.read(1))
 
 
+def _changed(run: Path) -> np.ndarray:
+    with rasterio.open(run / "change.tif") as src:
+        cat = src.read(1)
+    return (cat != 0) & (cat != 255)
+
+
+def test_learned_detector_hardly_depends_on_the_block(tmp_path: Path) -> None:
+    """The learned detector (pixel model, object stage, building network) with the scene's
+    stretch and feature medians from the alignment windows: 96 px blocks on two workers find
+    what one block per 512 px finds, but for the network's context at block edges."""
+    big = run_sample(tmp_path / "b512", 512, workers=1, method="learned")
+    small = run_sample(tmp_path / "b96", 96, workers=2, method="learned")
+    meds = [json.loads((r / "run.json").read_text())["alignment"]["feature_medians"]
+            for r in (big, small)]
+    assert meds[0] == meds[1] and sorted(meds[0]) == sorted(F.REL_BASES)
+    a, b = _changed(big), _changed(small)
+    assert a.sum() > 500
+    assert (a & b).sum() / (a | b).sum() > 0.98
+
+
 def test_block_results_are_small() -> None:
     """What a block sends back is its uint8 core plus its polygons: no float layers."""
     cfg = load_config(ROOT / "configs" / "sample.yaml")
@@ -82,3 +106,24 @@ def test_blocks_go_to_workers_in_runs_of_row_neighbours() -> None:
     assert [len(r) for r in runs] == [2, 2, 1] * 3
     assert [b.index for r in runs for b in r] == [b.index for b in blocks]
     assert all(len({b.core.row_off for b in r}) == 1 for r in runs)  # never across rows
+
+
+def test_scene_median_windows_sample_each_pixel_once() -> None:
+    """Overlapping windows sample the grid's lattice once each, away from their inner sides
+    (margin) but up to the grid's own edges."""
+    from rasterio.windows import Window
+
+    shape, margin = (10, 12), 1
+    wins = [Window(0, 0, 6, 6), Window(4, 2, 8, 8), Window(1, 1, 3, 3)]
+    hits = np.zeros(shape, int)
+    for k, w in enumerate(wins):
+        keep = batch._sample_lattice(w, wins[:k], shape, margin, step=2)
+        assert keep.shape == (w.height, w.width)
+        hits[w.row_off:w.row_off + w.height, w.col_off:w.col_off + w.width] += keep
+    want = np.zeros(shape, int)
+    want[0:5:2, 0:5:2] = 1  # window 0 without its last row and column (inside the grid)
+    want[4:10:2, 6:12:2] = 1  # window 1 from row 3 and column 5, to the grid's edges
+    # window 2 lies inside window 0: nothing of its own
+    np.testing.assert_array_equal(hits, want)
+    assert len(batch.median_windows(Grid((1024, 1024), Affine.identity(), "EPSG:32650"))) == 1
+    assert len(batch.median_windows(Grid((1025, 1024), Affine.identity(), "EPSG:32650"))) == 9

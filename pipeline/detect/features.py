@@ -1,9 +1,10 @@
 """Per-pixel, multi-scale change features for the learned detector (pure numpy/scipy).
 
 Every feature is local: a pixel's value depends only on the pixels within :func:`halo_px` of it,
-plus scene statistics: the per-image 2–98 % stretch (default: the block's own valid pixels, or
-passed in as ``stretch``) and the block medians that the ``*_rel`` features divide by. Blocks of
-a few hundred pixels or more give nearly the same values as the whole image.
+plus scene statistics: the per-image 2–98 % stretch and the medians that the ``*_rel`` features
+divide by. Both default to the block's own valid pixels; passed in as ``stretch`` and
+``medians`` (measured on sample windows of the scene, :func:`median_samples` and
+:func:`scene_medians`), every block of a scene gets exactly the values of one whole-image pass.
 
 Neighbourhood sizes are tied to metres (``res_m``) and clamped to a pixel range, so one model
 serves 0.5 m aerial imagery and 30 m Landsat alike.
@@ -11,6 +12,7 @@ serves 0.5 m aerial imagery and 30 m Landsat alike.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +24,9 @@ RGB: tuple[str, str, str] = ("red", "green", "blue")
 MS_EXTRA: tuple[str, ...] = ("nir",)
 
 _EPS = 1e-6
+#: what the ``*_rel`` features divide by a scene median of (``decorr_r1`` is 1 - ``corr_r1``)
+REL_BASES: tuple[str, ...] = ("mag", "tol_r1", "d_chroma_r1", "angle_r1", "dgrad_abs_r2",
+                              "decorr_r1")
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,7 @@ def ndvi(red: np.ndarray, nir: np.ndarray) -> np.ndarray:
 def compute(before: np.ndarray, after: np.ndarray, valid: np.ndarray, roles: tuple[str, ...],
             res_m: float, *, kind: str | None = None,
             stretch: tuple[np.ndarray, np.ndarray] | None = None,
+            medians: Mapping[str, float] | None = None,
             ) -> tuple[list[str], np.ndarray]:
     """Feature stack for an aligned pair.
 
@@ -147,6 +153,8 @@ def compute(before: np.ndarray, after: np.ndarray, valid: np.ndarray, roles: tup
         kind: ``"rgb"`` or ``"ms"``; default from the roles (:func:`feature_set`).
         stretch: optional ``(before_params, after_params)`` from :func:`stretch_params` over the
             whole image, in ``roles`` order; default: this block's own statistics.
+        medians: optional scene medians of :data:`REL_BASES` (:func:`scene_medians`); a
+            missing one is this block's own.
 
     Returns:
         Feature names and a float32 ``(n_features, h, w)`` stack (finite everywhere).
@@ -169,6 +177,9 @@ def compute(before: np.ndarray, after: np.ndarray, valid: np.ndarray, roles: tup
     sc = scales_for(res_m)
     f: dict[str, np.ndarray] = {}
 
+    def med(name: str, x: np.ndarray) -> float:
+        return float(medians[name]) if medians and name in medians else _median(x, valid)
+
     rgb_a, rgb_b = a[:3], b[:3]
     d = rgb_b - rgb_a
     for k, name in enumerate(RGB):
@@ -179,7 +190,7 @@ def compute(before: np.ndarray, after: np.ndarray, valid: np.ndarray, roles: tup
     f["mag_r1"] = _mean(mag, sc.r1)
     f["mag_r2"] = _mean(mag, sc.r2)
     f["cv_r1"] = np.sqrt(sum(f[f"d_{n}_r1"] ** 2 for n in RGB))
-    f["mag_rel"] = f["mag_r1"] / (_median(mag, valid) + 0.02)
+    f["mag_rel"] = f["mag_r1"] / (med("mag", mag) + 0.02)
     tol = _tolerant_diff(rgb_a, rgb_b)
     f["tol"] = tol
     f["tol_r1"] = _mean(tol, sc.r1)
@@ -215,8 +226,8 @@ def compute(before: np.ndarray, after: np.ndarray, valid: np.ndarray, roles: tup
     # scene-relative versions: how unusual a pixel's change is within this block (robust to the
     # overall radiometric difference of a sensor or season; changes rarely cover half a scene)
     for n in ("tol_r1", "d_chroma_r1", "angle_r1", "dgrad_abs_r2"):
-        f[f"{n}_rel"] = f[n] / (_median(f[n], valid) + 1e-3)
-    f["decorr_r1_rel"] = (1 - f["corr_r1"]) / (_median(1 - f["corr_r1"], valid) + 1e-2)
+        f[f"{n}_rel"] = f[n] / (med(n, f[n]) + 1e-3)
+    f["decorr_r1_rel"] = (1 - f["corr_r1"]) / (med("decorr_r1", 1 - f["corr_r1"]) + 1e-2)
 
     if kind == "ms":
         nd_a = ndvi(raw_a[0], raw_a[3])
@@ -230,3 +241,33 @@ def compute(before: np.ndarray, after: np.ndarray, valid: np.ndarray, roles: tup
     stack = np.stack([f[n] for n in names]).astype(np.float32)
     np.nan_to_num(stack, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     return names, stack
+
+
+def median_samples(before: np.ndarray, after: np.ndarray, valid: np.ndarray,
+                   roles: tuple[str, ...], res_m: float, *, kind: str | None = None,
+                   stretch: tuple[np.ndarray, np.ndarray] | None = None,
+                   keep: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Values of :data:`REL_BASES` at the valid pixels of one sample window of a scene: where
+    ``keep``, else away from the window's edges by :func:`halo_px` (there the neighbourhoods
+    are the scene's). Pool many windows' samples with :func:`scene_medians`."""
+    names, stack = compute(before, after, valid, roles, res_m, kind=kind, stretch=stretch)
+    if keep is None:
+        m = halo_px(res_m)
+        keep = np.zeros_like(valid)
+        keep[m:-m, m:-m] = True
+    inner = valid & keep
+    out = {}
+    for name in REL_BASES:
+        x = (1 - stack[names.index("corr_r1")]) if name == "decorr_r1" else stack[
+            names.index(name)]
+        out[name] = x[inner]
+    return out
+
+
+def scene_medians(samples: Sequence[Mapping[str, np.ndarray]],
+                  min_pixels: int = 1_000) -> dict[str, float]:
+    """Median of each of :data:`REL_BASES` over the pooled :func:`median_samples` of a
+    scene's windows; {} with fewer than ``min_pixels`` (each block then uses its own)."""
+    if not samples or sum(len(s["mag"]) for s in samples) < min_pixels:
+        return {}
+    return {n: float(np.median(np.concatenate([s[n] for s in samples]))) for n in REL_BASES}

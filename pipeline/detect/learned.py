@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -259,6 +259,9 @@ class LearnedDetector:
         roles, res_m: band roles and pixel size, when known at construction (sets ``halo``).
         stretch: optional whole-image ``(before, after)`` 2–98 % stretch parameters from
             :func:`pipeline.detect.features.stretch_params` (roles order); default: per block.
+        medians: optional scene medians of the ``*_rel`` features' bases
+            (:func:`pipeline.detect.features.scene_medians`, from :meth:`median_samples` of
+            sample windows); default: per block.
         threads: LightGBM prediction threads.
         model_dir: where the models are (default: :func:`resolve_model_dir`, i.e.
             ``$TUBAN_MODEL_DIR`` or the shipped :data:`MODEL_DIR`).
@@ -273,7 +276,8 @@ class LearnedDetector:
     """
 
     def __init__(self, roles: Sequence[str] | None = None, res_m: float | None = None, *,
-                 stretch: tuple[np.ndarray, np.ndarray] | None = None, threads: int = 2,
+                 stretch: tuple[np.ndarray, np.ndarray] | None = None,
+                 medians: Mapping[str, float] | None = None, threads: int = 2,
                  model_dir: Path | None = None, exact: bool = False,
                  objects: bool = True, network: bool = True) -> None:
         model_dir = resolve_model_dir(model_dir)
@@ -287,6 +291,7 @@ class LearnedDetector:
             raise FileNotFoundError(f"no learned model for band roles {tuple(roles)} in "
                                     f"{model_dir}; use the spectral detector")
         self.stretch = stretch
+        self.medians = dict(medians) if medians else None
         self.threads = threads
         self.model_dir = model_dir
         self.exact = exact
@@ -307,16 +312,29 @@ class LearnedDetector:
             files.append(net.path)
         return files
 
-    def __call__(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
-                 roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
-        roles = tuple(roles)
+    def _kind(self, roles: tuple[str, ...], res_m: float) -> str:
         kind = _kind_for(roles, self.model_dir, res_m, self.exact)
         if kind is None:
             raise FileNotFoundError(f"no learned model for band roles {roles} in "
                                     f"{self.model_dir}; use the spectral detector")
+        return kind
+
+    def median_samples(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
+                       roles: tuple[str, ...], res_m: float, keep: np.ndarray | None = None,
+                       ) -> dict[str, np.ndarray]:
+        """One sample window's share of the scene medians (see ``medians``), at the pixels
+        ``keep`` when given."""
+        roles = tuple(roles)
+        return F.median_samples(before, after, valid, roles, res_m,
+                                kind=self._kind(roles, res_m), stretch=self.stretch, keep=keep)
+
+    def __call__(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
+                 roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
+        roles = tuple(roles)
+        kind = self._kind(roles, res_m)
         model = load_model(kind, self.model_dir)
         names, stack = F.compute(before, after, valid, roles, res_m, kind=kind,
-                                 stretch=self.stretch)
+                                 stretch=self.stretch, medians=self.medians)
         if tuple(names) != model.features:
             raise ValueError(f"feature mismatch between code and model {kind}: retrain")
         h, w = valid.shape

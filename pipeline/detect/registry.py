@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,8 @@ DETECTORS: tuple[str, ...] = ("auto", "spectral", "cva", "learned")
 
 
 def _learned(roles: tuple[str, ...], res_m: float, exact: bool, network: bool = True,
-             stretch: tuple[np.ndarray, np.ndarray] | None = None) -> ChangeDetector | None:
+             stretch: tuple[np.ndarray, np.ndarray] | None = None,
+             medians: Mapping[str, float] | None = None) -> ChangeDetector | None:
     """The learned detector for these bands, or None when it or its model is unavailable.
 
     ``exact``: only a model trained for exactly this band set and pixel size (``auto``); else an
@@ -40,7 +41,7 @@ def _learned(roles: tuple[str, ...], res_m: float, exact: bool, network: bool = 
         if factory is None:
             return None
         det = factory(roles=roles, res_m=res_m, exact=exact, network=network,
-                      stretch=stretch)
+                      stretch=stretch, medians=medians)
     except Exception as err:  # noqa: BLE001 - missing/invalid model: fall back
         log.info("learned detector has no usable model for bands %s: %s", roles, err)
         return None
@@ -86,7 +87,8 @@ class _WithEvidence:
 
 def get_detector(name: str, roles: Sequence[str], res_m: float, *,
                  threshold: float | None = None, network: bool = True,
-                 stretch: tuple[np.ndarray, np.ndarray] | None = None) -> ChangeDetector:
+                 stretch: tuple[np.ndarray, np.ndarray] | None = None,
+                 medians: Mapping[str, float] | None = None) -> ChangeDetector:
     """Detector ``name`` for these band roles and pixel size.
 
     ``"auto"`` chooses by bands and pixel size only: the learned detector when
@@ -99,7 +101,8 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
     spectral detector; ``network`` lets the learned detector add its change network
     (:mod:`pipeline.detect.cnn`) where one covers the pixel size; ``stretch`` (the scene's
     2/98 % percentiles per band of ``roles``, ``(bands, 2)`` per date) makes the learned
-    detector's result independent of the block. Unknown names raise
+    detector's result independent of the block, as do ``medians`` (the scene medians of its
+    ``*_rel`` features' bases, see :func:`scene_samples`). Unknown names raise
     :class:`~pipeline.errors.ConfigError`.
     """
     roles = tuple(roles)
@@ -107,13 +110,30 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
     if key not in DETECTORS:
         raise ConfigError(f"unknown detection method {name!r}; use one of {', '.join(DETECTORS)}")
     if key in ("auto", "learned"):
-        det = _learned(roles, res_m, exact=key == "auto", network=network, stretch=stretch)
+        det = _learned(roles, res_m, exact=key == "auto", network=network, stretch=stretch,
+                       medians=medians)
         if det is not None:
             return det
         if key == "learned":
             raise ConfigError(f"detection method 'learned' has no model for bands {roles}; "
                               "use method: spectral or auto")
     return SpectralDetector(res_m, threshold=threshold)
+
+
+def takes_scene_samples(det: ChangeDetector) -> bool:
+    """Whether ``det`` takes scene statistics from sample windows (:func:`scene_samples`)."""
+    inner = det.det if isinstance(det, _WithEvidence) else det
+    return callable(getattr(inner, "median_samples", None))
+
+
+def scene_samples(det: ChangeDetector, before: np.ndarray, after: np.ndarray,
+                  valid: np.ndarray, roles: Sequence[str], res_m: float,
+                  keep: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
+    """One sample window's share (at the pixels ``keep``) of the scene statistics ``det``
+    takes as ``medians`` (None when it takes none: the spectral detector)."""
+    inner = det.det if isinstance(det, _WithEvidence) else det
+    fn = getattr(inner, "median_samples", None)
+    return fn(before, after, valid, tuple(roles), res_m, keep) if callable(fn) else None
 
 
 def describe(det: ChangeDetector, roles: Sequence[str], res_m: float) -> dict[str, object]:
