@@ -11,7 +11,8 @@ generator itself runs in bounded memory. For each size it times, in one run:
 
 and reports wall time, throughput (Mpx/s of one date), peak memory (RSS and PSS summed over
 the process tree, sampled with psutil every 50 ms; PSS counts pages shared by forked workers
-once) and the ratios tuban/floor and tuban/OTB. A
+once) and the ratios tuban/floor and tuban/OTB. Each command runs twice: memory is sampled in
+the first run, the wall time is the second's (sampling slows a process tree). A
 scene with ~100,000 small changes times vectorize, track and export at scale, and ``--dask``
 compares one and two local Dask workers on the 8000² pair, beside what this machine gives
 for two copies of the same work at once (its parallel ceiling).
@@ -230,17 +231,19 @@ class PeakRSS:
 
 
 def run_cmd(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 7200,
-            ) -> dict[str, Any]:
-    """Run a command; wall seconds, peak RSS of its process tree (MiB), return code."""
+            sample: bool = True) -> dict[str, Any]:
+    """Run a command; wall seconds, return code and (``sample``) the peak RSS and PSS of its
+    process tree (MiB)."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, **(env or {})})
-    mon = PeakRSS(p.pid)
+    mon = PeakRSS(p.pid) if sample else None
     out, err = p.communicate(timeout=timeout)
     wall = time.perf_counter() - t0
-    peak, peak_pss = mon.stop()
-    res = {"wall_s": round(wall, 3), "peak_rss_mib": round(peak / 2**20, 1),
-           "peak_pss_mib": round(peak_pss / 2**20, 1), "returncode": p.returncode}
+    res: dict[str, Any] = {"wall_s": round(wall, 3), "returncode": p.returncode}
+    if mon is not None:
+        peak, peak_pss = mon.stop()
+        res.update(peak_rss_mib=round(peak / 2**20, 1), peak_pss_mib=round(peak_pss / 2**20, 1))
     if p.returncode != 0:
         res["stderr"] = err[-2000:]
     return res
@@ -255,9 +258,9 @@ for path in sys.argv[1:]:
 """
 
 
-def io_floor(before: Path, after: Path) -> dict[str, Any]:
+def io_floor(before: Path, after: Path, sample: bool = True) -> dict[str, Any]:
     """Read both images fully, block by block, in one process."""
-    return run_cmd([str(PYTHON), "-c", _READ_SNIPPET, str(before), str(after)])
+    return run_cmd([str(PYTHON), "-c", _READ_SNIPPET, str(before), str(after)], sample=sample)
 
 
 _KERNEL_SNIPPET = """
@@ -297,7 +300,8 @@ def machine_scaling(before: Path, after: Path) -> dict[str, Any]:
 
 
 def tuban_compare(before: Path, after: Path, *, config: Path | None = None,
-                  workers: int | None = None, scheduler: str | None = None) -> dict[str, Any]:
+                  workers: int | None = None, scheduler: str | None = None,
+                  sample: bool = True) -> dict[str, Any]:
     out = Path(tempfile.mkdtemp(prefix="tuban-bench-")) / "out"
     cmd = [str(TUBAN), "compare", str(before), str(after), "-o", str(out)]
     if config is not None:
@@ -306,7 +310,7 @@ def tuban_compare(before: Path, after: Path, *, config: Path | None = None,
         cmd += ["--workers", str(workers)]
     if scheduler:
         cmd += ["--scheduler", scheduler]
-    res = run_cmd(cmd)
+    res = run_cmd(cmd, sample=sample)
     man = out / "run.json"
     if man.exists():
         m = json.loads(man.read_text())
@@ -317,13 +321,13 @@ def tuban_compare(before: Path, after: Path, *, config: Path | None = None,
     return res
 
 
-def otb_mad(before: Path, after: Path) -> dict[str, Any] | None:
+def otb_mad(before: Path, after: Path, sample: bool = True) -> dict[str, Any] | None:
     exe = shutil.which("otbcli_MultivariateAlterationDetector")
     if exe is None:
         return None
     out = Path(tempfile.mkdtemp(prefix="otb-bench-")) / "mad.tif"
     res = run_cmd([exe, "-in1", str(before), "-in2", str(after), "-out", str(out)],
-                  env={"OTB_MAX_RAM_HINT": "512"})
+                  env={"OTB_MAX_RAM_HINT": "512"}, sample=sample)
     shutil.rmtree(out.parent, ignore_errors=True)
     return res
 
@@ -384,13 +388,23 @@ def _bench_size(size: int, args: argparse.Namespace, detector: str,
     t0 = time.perf_counter()
     before, after = make_pair(size, args.seed)
     r: dict[str, Any] = {"generate_s": round(time.perf_counter() - t0, 2)}
-    r["floor"] = io_floor(before, after)
-    r["tuban"] = tuban_compare(before, after)
+    r["floor"] = _timed(io_floor, before, after)
+    r["tuban"] = _timed(tuban_compare, before, after)
     if detector != "SpectralDetector" and not args.no_spectral:
-        r["tuban_spectral"] = tuban_compare(before, after, config=spectral_cfg)
-    if not args.no_otb:
-        r["otb"] = otb_mad(before, after)
+        r["tuban_spectral"] = _timed(tuban_compare, before, after, config=spectral_cfg)
+    if not args.no_otb and shutil.which("otbcli_MultivariateAlterationDetector"):
+        r["otb"] = _timed(otb_mad, before, after)
     return r
+
+
+def _timed(fn: Any, *args: Any, **kw: Any) -> dict[str, Any]:
+    """``fn`` run twice: once with memory sampling (its peaks), once without (its wall time;
+    reading every process's PSS costs CPU, more for tuban's four processes than for one)."""
+    mem = fn(*args, sample=True, **kw)
+    t = fn(*args, sample=False, **kw)
+    return {**mem, "wall_s": t["wall_s"], "wall_s_while_sampling": mem["wall_s"],
+            "returncode": max(mem["returncode"], t["returncode"]),
+            **({"stages_s": t["stages_s"]} if t.get("stages_s") else {})}
 
 
 def _rows(size: int, r: dict[str, Any]) -> list[dict]:
