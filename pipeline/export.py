@@ -8,8 +8,10 @@ was.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
+import gc
 import json
 import logging
 import math
@@ -108,6 +110,8 @@ def _json_column(col: pd.Series) -> list[Any]:
         return [v if math.isfinite(v) else None for v in vals.tolist()]
     if kind in "iub":
         return col.tolist()
+    if kind == "O" and pd.api.types.infer_dtype(col, skipna=True) in ("string", "empty"):
+        return [v if isinstance(v, str) else None for v in col.tolist()]  # None, NaN, NA
     return [jsonable(v) for v in col.tolist()]
 
 
@@ -142,6 +146,53 @@ def _geojson_geometry(geom: shapely.Geometry) -> dict[str, Any]:
     return {"type": m["type"], "coordinates": _round_coords(m["coordinates"])}
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: building millions of small lists (coordinates,
+    rows) otherwise triggers full collections over everything already built (110k patches:
+    GeoJSON 2.7 s -> 1.3 s). Export makes no reference cycles worth collecting meanwhile."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def geojson_geometries(geoms: np.ndarray) -> list[dict[str, Any] | None]:
+    """:func:`_geojson_geometry` of every geometry (None where missing or empty), polygons all
+    at once: one coordinate array rounded and listed for the whole set, then cut into rings
+    (110k patches: 0.3 s instead of 4 s one geometry at a time)."""
+    geoms = np.asarray(geoms, dtype=object)
+    out: list[dict[str, Any] | None] = [None] * len(geoms)
+    if not len(geoms):
+        return out
+    types = shapely.get_type_id(geoms).tolist()  # -1 missing, 3 Polygon, 6 MultiPolygon
+    empty = (shapely.is_empty(geoms) | shapely.is_missing(geoms)).tolist()
+    polygonal = np.array([t in (3, 6) and not e for t, e in zip(types, empty, strict=True)])
+    sel = np.flatnonzero(polygonal)
+    polys, gidx = shapely.get_parts(geoms[sel], return_index=True)
+    rings, pidx = shapely.get_rings(polys, return_index=True)  # exterior first, in order
+    xy = np.round(shapely.get_coordinates(rings), _COORD_DECIMALS).tolist()
+    per_poly: list[list[list]] = [[] for _ in range(len(polys))]
+    pos = 0
+    for n, p in zip(shapely.get_num_coordinates(rings).tolist(), pidx.tolist(), strict=True):
+        per_poly[p].append(xy[pos:pos + n])
+        pos += n
+    per_geom: list[list[list[list]]] = [[] for _ in range(len(sel))]
+    for rs, g in zip(per_poly, gidx.tolist(), strict=True):
+        per_geom[g].append(rs)
+    for k, i in enumerate(sel.tolist()):
+        out[i] = ({"type": "Polygon", "coordinates": per_geom[k][0]} if types[i] == 3
+                  else {"type": "MultiPolygon", "coordinates": per_geom[k]})
+    for i in np.flatnonzero(~polygonal).tolist():  # other geometry types, one at a time
+        if not empty[i]:
+            out[i] = _geojson_geometry(geoms[i])
+    return out
+
+
+@_gc_paused()
 def to_rfc7946(patches: gpd.GeoDataFrame) -> dict[str, Any]:
     """The patches as an RFC 7946 FeatureCollection (lon/lat, CCW outer rings, no ``crs``).
 
@@ -158,11 +209,8 @@ def to_rfc7946(patches: gpd.GeoDataFrame) -> dict[str, Any]:
     cols = _ordered_columns(patches)
     columns = [_json_column(patches[c]) for c in cols]
     feats = []
-    for row, geom in zip(zip(*columns, strict=True) if cols else ({},) * len(geoms), geoms,
-                         strict=True):
-        gj = None
-        if geom is not None and not geom.is_empty:
-            gj = _geojson_geometry(geom)
+    for row, gj in zip(zip(*columns, strict=True) if cols else ({},) * len(geoms),
+                       geojson_geometries(geoms), strict=True):
         props = dict(zip(cols, row, strict=True))
         feat: dict[str, Any] = {"type": "Feature"}
         if props.get("patch_id") is not None:
@@ -562,6 +610,7 @@ def _ensure_ids(patches: gpd.GeoDataFrame, run_id: str) -> gpd.GeoDataFrame:
     return out
 
 
+@_gc_paused()
 def export_all(outdir: str | Path, patches: gpd.GeoDataFrame, *,
                manifest: Mapping[str, Any],
                change_tif: str | Path | None = None,

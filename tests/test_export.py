@@ -296,6 +296,25 @@ def test_write_evidence(tmp_path: Path, patches: gpd.GeoDataFrame) -> None:
     assert img[100, 100].tolist() == [60, 60, 60] and img[100, 304].tolist() == [200] * 3
 
 
+def test_geojson_geometries_in_bulk_equal_one_at_a_time() -> None:
+    hole = shapely.Polygon([(0, 0), (4, 0), (4, 4), (0, 4)], [[(1, 1), (2, 1), (2, 2), (1, 2)]])
+    geoms = np.array([
+        hole,
+        None,
+        shapely.MultiPolygon([shapely.box(10, 10, 11, 11), hole]),
+        shapely.Polygon(),
+        shapely.box(0.123456789, 1.987654321, 2.5, 3.5),
+        shapely.Point(1, 2),
+        shapely.MultiPolygon(),
+    ], dtype=object)
+    got = export.geojson_geometries(geoms)
+    want = [None if g is None or g.is_empty else export._geojson_geometry(g) for g in geoms]
+    assert got == want
+    assert got[2]["type"] == "MultiPolygon" and len(got[2]["coordinates"][1]) == 2  # the hole
+    assert [0.1234568, 1.9876543] in got[4]["coordinates"][0]  # 7 decimals
+    assert export.geojson_geometries(np.array([], dtype=object)) == []
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 3), (7, 5, 3), (300, 516, 3)])
 def test_encode_png_is_lossless(shape: tuple[int, int, int]) -> None:
     rgb = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
