@@ -117,6 +117,28 @@ def test_block_independence() -> None:
     np.testing.assert_array_equal(np.vstack([top[:h], bot[halo:]]), whole)
 
 
+def test_dense_change_whole_pass_equals_the_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where change is possible almost everywhere the exact score is one pass over the block
+    instead of windows with margins: the same values either way."""
+    from pipeline.detect import spectral
+
+    before = noisy(textured((128, 128)), 1)
+    after = before.copy()
+    for r in range(4, 124, 12):  # many small changes all over the block
+        for c in range(4, 124, 12):
+            after[:, r:r + 5, c:c + 5] = SOIL[:, None, None]
+    after = noisy(after, 2)
+    valid = np.ones((128, 128), bool)
+    tiles = spectral._active_tiles(np.ones((128, 128), bool), spectral.SPARSE_TILE)
+    assert len(tiles) * 50 ** 2 > 128 * 128  # at 1 m the windows are 32 + 2 x 9 px a side
+    got = SpectralDetector(1.0)(before, after, valid, ROLES, 1.0)  # one whole pass
+    monkeypatch.setattr(spectral, "DENSE_SHARE", 1e9)  # windows however dense
+    other = SpectralDetector(1.0)(before, after, valid, ROLES, 1.0)
+    assert got["change"].max() > 0.5
+    for k in ("change", "score", "shape_score", "ratio_spread"):
+        np.testing.assert_array_equal(got[k], other[k])
+
+
 def test_registry() -> None:
     assert isinstance(get_detector("spectral", ROLES, 1.0), SpectralDetector)
     det = get_detector("auto", RGB, 0.5)

@@ -59,6 +59,8 @@ ILLUM_MAX_DARKEN, ILLUM_MAX_BRIGHTEN = 3.0, 1.6
 #: Evaluated in tiles of SPARSE_TILE px, all tiles of a block in one stacked pass.
 SPARSE_CUT = 0.1
 SPARSE_TILE = 32
+#: above this share of the block (windows with margins), the exact score is one whole pass
+DENSE_SHARE = 1.0
 #: object context (metres) that the classifier needs around a block, capped in pixels
 CONTEXT_M = 48.0
 MAX_CONTEXT_PX = 64
@@ -468,10 +470,19 @@ class SpectralDetector:
         shape_score = np.full(valid.shape, np.nan, np.float32)
         spread = np.full(valid.shape, np.nan, np.float32)
         tiles = _active_tiles(need, SPARSE_TILE)
-        if tiles:
+        m = _tolerance_px(res_m) + 2 * int(3.0 * sigma + 0.5) + 1
+        if len(tiles) * (SPARSE_TILE + 2 * m) ** 2 > DENSE_SHARE * valid.size:
+            # change possible nearly everywhere: the windows with their margins would cost
+            # more than one pass over the whole block, which gives the same values
+            s_all, f_all, _ = self.score(before, after, valid, roles, res_m, sm)
+            s_all = sm(s_all)
+            for dst, src in ((score, s_all), (change, self._change(s_all, sm)),
+                             (shape_score, sm(f_all["shape"])), (spread, f_all["spread"])):
+                dst[need] = src[need]
+            del s_all, f_all
+        elif tiles:
             # all active tiles at once, as one stack of edge-padded windows (bands, n, h, w);
             # padding by repeating the edge is what mode="nearest" does at the block edge
-            m = _tolerance_px(res_m) + 2 * int(3.0 * sigma + 0.5) + 1
             b_st = _stack(before, tiles, SPARSE_TILE, m)
             a_st = _stack(after, tiles, SPARSE_TILE, m)
             v_st = _stack(valid, tiles, SPARSE_TILE, m)
