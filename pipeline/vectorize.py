@@ -221,7 +221,9 @@ def to_map(polys: BlockPolygons, transform: Affine, *, simplify_px: float = 0.0,
     # canonical first: tolerance 0 drops the collinear vertices that seam joins leave behind
     # and normalize fixes where each ring starts, so the simplification (which depends on the
     # start vertex) gives the same polygon whatever the block layout
-    geoms_px = shapely.normalize(shapely.simplify(geoms_px, 0.0, preserve_topology=True))
+    # (Douglas-Peucker: at tolerance 0 it only drops collinear vertices, as the topology-
+    # preserving simplifier does, 2.2x faster)
+    geoms_px = shapely.normalize(shapely.simplify(geoms_px, 0.0, preserve_topology=False))
     if simplify_px > 0:
         geoms_px = shapely.simplify(geoms_px, simplify_px, preserve_topology=True)
         geoms_px = shapely.normalize(geoms_px)
