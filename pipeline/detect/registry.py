@@ -120,10 +120,14 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
     return SpectralDetector(res_m, threshold=threshold)
 
 
+def _inner(det: ChangeDetector) -> ChangeDetector:
+    """The detector itself, without the :class:`_WithEvidence` wrapper."""
+    return det.det if isinstance(det, _WithEvidence) else det
+
+
 def takes_scene_samples(det: ChangeDetector) -> bool:
     """Whether ``det`` takes scene statistics from sample windows (:func:`scene_samples`)."""
-    inner = det.det if isinstance(det, _WithEvidence) else det
-    return callable(getattr(inner, "median_samples", None))
+    return callable(getattr(_inner(det), "median_samples", None))
 
 
 def scene_samples(det: ChangeDetector, before: np.ndarray, after: np.ndarray,
@@ -131,16 +135,14 @@ def scene_samples(det: ChangeDetector, before: np.ndarray, after: np.ndarray,
                   keep: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
     """One sample window's share (at the pixels ``keep``) of the scene statistics ``det``
     takes as ``medians`` (None when it takes none: the spectral detector)."""
-    inner = det.det if isinstance(det, _WithEvidence) else det
-    fn = getattr(inner, "median_samples", None)
+    fn = getattr(_inner(det), "median_samples", None)
     return fn(before, after, valid, tuple(roles), res_m, keep) if callable(fn) else None
 
 
 def describe(det: ChangeDetector, roles: Sequence[str], res_m: float) -> dict[str, object]:
     """What made the decisions, for ``run.json``: the detector's name and the model files it
     uses on these bands and pixel size, each with the first 16 hex digits of its SHA-256."""
-    inner = det.det if isinstance(det, _WithEvidence) else det
-    files = getattr(inner, "model_files", None)
+    files = getattr(_inner(det), "model_files", None)
     if not callable(files):
         return {"name": "spectral", "models": {}}
     return {"name": "learned",
