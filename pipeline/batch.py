@@ -157,18 +157,6 @@ def _sample_lattice(window: Window, earlier: list[Window], shape: tuple[int, int
     return keep
 
 
-def window_samples(job: BlockJob, k: int) -> dict[str, np.ndarray] | None:
-    """Scene-median window ``k``'s share of the detector's scene statistics (None: the
-    detector takes none)."""
-    wins = median_windows(job.grid)
-    before, after, valid = align.read_aligned_block(
-        job.before, job.after, job.grid, wins[k], job.params,
-        cloud_mask=job.detection.cloud_mask)
-    keep = _sample_lattice(wins[k], wins[:k], job.grid.shape, halo_px(job.grid.res))
-    return scene_samples(_job_detector(job), before, after, valid, job.params.roles,
-                         job.grid.res, keep)
-
-
 def with_scene_medians(job: BlockJob) -> align.AlignParams:
     """``job.params`` with the learned detector's scene medians, measured on the whole scene or
     the alignment's sample windows (:func:`median_windows`): every block then divides its
@@ -181,10 +169,19 @@ def with_scene_medians(job: BlockJob) -> align.AlignParams:
     """
     from .detect.features import scene_medians
 
-    if not takes_scene_samples(_job_detector(job)):
+    det = _job_detector(job)
+    if not takes_scene_samples(det):
         return job.params
-    n = len(median_windows(job.grid))
-    samples = [s for k in range(n) if (s := window_samples(job, k)) is not None]
+    wins = median_windows(job.grid)
+    margin = halo_px(job.grid.res)
+    samples = []
+    for k, win in enumerate(wins):
+        before, after, valid = align.read_aligned_block(
+            job.before, job.after, job.grid, win, job.params,
+            cloud_mask=job.detection.cloud_mask)
+        keep = _sample_lattice(win, wins[:k], job.grid.shape, margin)
+        samples.append(scene_samples(det, before, after, valid, job.params.roles,
+                                     job.grid.res, keep))
     return replace(job.params, feature_medians=tuple(sorted(scene_medians(samples).items())))
 
 
