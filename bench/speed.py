@@ -258,9 +258,13 @@ for path in sys.argv[1:]:
 """
 
 
+def _read_cmd(before: Path, after: Path) -> list[str]:
+    """Read both images fully, block by block, in one process (the I/O floor)."""
+    return [str(PYTHON), "-c", _READ_SNIPPET, str(before), str(after)]
+
+
 def io_floor(before: Path, after: Path, sample: bool = True) -> dict[str, Any]:
-    """Read both images fully, block by block, in one process."""
-    return run_cmd([str(PYTHON), "-c", _READ_SNIPPET, str(before), str(after)], sample=sample)
+    return run_cmd(_read_cmd(before, after), sample=sample)
 
 
 _KERNEL_SNIPPET = """
@@ -286,9 +290,9 @@ def machine_scaling(before: Path, after: Path) -> dict[str, Any]:
     the other (2.0 on two independent cores): reading both images (decompression, memory
     copies) and a float32 numpy kernel. The ceiling for any two-worker speed-up here."""
     out: dict[str, Any] = {}
-    read = [str(PYTHON), "-c", _READ_SNIPPET, str(before), str(after)]
     kern = [str(PYTHON), "-c", _KERNEL_SNIPPET]
-    for name, cmd, inner in (("read_both_images", read, False), ("numpy_kernel", kern, True)):
+    for name, cmd, inner in (("read_both_images", _read_cmd(before, after), False),
+                             ("numpy_kernel", kern, True)):
         _concurrent(cmd, 1)  # warm the page cache
         t1, o1 = _concurrent(cmd, 1)
         t2, o2 = _concurrent(cmd, 2)
