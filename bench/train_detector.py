@@ -21,9 +21,11 @@ contributing their RGB features and NIR features missing) it
 5. (``rgb``, unless ``--no-objects``) trains the object stage (:mod:`pipeline.detect.objects`)
    on *out-of-fold objects* only: each case's decided objects from the fold model that did not
    see it, at that fold model's thresholds (:func:`object_rows`). Per fold, an object model is
-   trained on the other folds' objects, its acceptance threshold chosen (macro F1) by an inner
-   cross-validation over those folds, and applied to the fold's objects (:func:`held_out_objects`,
-   simulated held-out figures printed as ``held-out objects``). The shipped object model learns
+   trained on the other folds' objects, its acceptance thresholds chosen (macro F1) by an inner
+   cross-validation over those folds (one over all objects, and one per resolution class with
+   objects from at least two datasets, :func:`fit_object_model`), and applied to the fold's
+   objects (:func:`held_out_objects`, simulated held-out figures printed as ``held-out
+   objects``). The shipped object model learns
    from the case-split out-of-fold objects of every case, formed at the shipped thresholds, and
    is written as ``<out>/learned_rgb_objects.{txt,json}`` next to the pixel model.
 
@@ -261,6 +263,9 @@ OBJ_ROUNDS = 200
 #: and a logistic model on 6-14 features (unstable across protocols)
 OBJECT_STAGE = True
 OBJ_GRID = np.round(np.arange(0.02, 0.91, 0.02), 3)
+#: a resolution class gets its own object acceptance threshold only with objects from this many
+#: datasets (sensors); otherwise the threshold chosen on all objects applies
+OBJ_CLASS_MIN_DATASETS = 2
 #: candidates are the pixel decision's objects (no lower candidate threshold): the object stage
 #: only removes objects
 OBJ_CANDIDATE_SHIFT = 0.0
@@ -277,7 +282,7 @@ def object_rows(entries: list[tuple[Case, np.ndarray, np.ndarray, float, str]],
         x = O.object_features(lab, n, raw, t, names, st, c.valid, c.res_m)
         ch, no, _ = O.object_truth(lab, n, c.label)
         rows.append({"ds": c.dataset, "fold": fold, "x": x, "ch": ch, "no": no,
-                     "pos": float((c.label == 1).sum())})
+                     "pos": float((c.label == 1).sum()), "cls": res_class(c.res_m)})
     return rows
 
 
@@ -316,9 +321,13 @@ def _predict_rows(booster: lgb.Booster, rows: list[dict]) -> list[np.ndarray]:
             for r in rows]
 
 
-def fit_object_model(rows: list[dict], seed: int) -> tuple[lgb.Booster, float, dict]:
-    """Object model on ``rows`` and its acceptance threshold: the macro-F1-best threshold on
-    out-of-fold predictions over ``rows``' own folds (inner cross-validation)."""
+def fit_object_model(rows: list[dict], seed: int) -> tuple[lgb.Booster, dict[str, float]]:
+    """Object model on ``rows`` and its acceptance thresholds: ``"all"``, the macro-F1-best
+    threshold on out-of-fold predictions (inner cross-validation over ``rows``' own folds) of
+    every object, and one per resolution class whose objects come from at least
+    :data:`OBJ_CLASS_MIN_DATASETS` datasets (chosen on that class's objects only). A threshold
+    chosen on one dataset is tuned to that sensor: held out under leave-one-dataset-out, the
+    2-20 m class chosen on OSCD alone cut OSCD-RGB recall from 0.31 to 0.11 (simulated)."""
     folds = sorted({r["fold"] for r in rows})
     probs: list[np.ndarray] = [np.zeros(0)] * len(rows)
     for g in folds if len(folds) > 1 else []:
@@ -329,16 +338,26 @@ def fit_object_model(rows: list[dict], seed: int) -> tuple[lgb.Booster, float, d
     booster = train_objects(rows, seed)
     if len(folds) <= 1:
         probs = _predict_rows(booster, rows)
-    best, best_f, best_rows = float(OBJ_GRID[0]), -1.0, {}
+    out = {"all": _best_object_threshold(rows, probs)}
+    for cls in RES_CLASSES:
+        part = [i for i, r in enumerate(rows) if r["cls"] == cls]
+        if len({rows[i]["ds"] for i in part}) >= OBJ_CLASS_MIN_DATASETS:
+            out[str(cls)] = _best_object_threshold([rows[i] for i in part],
+                                                   [probs[i] for i in part])
+    return booster, out
+
+
+def _best_object_threshold(rows: list[dict], probs: list[np.ndarray]) -> float:
+    best, best_f = float(OBJ_GRID[0]), -1.0
     for t in OBJ_GRID:
         sc = _obj_scores(rows, [p >= t for p in probs])
         f = float(np.mean([v["f1"] for v in sc.values()]))
         if f > best_f + 1e-9:
-            best, best_f, best_rows = float(t), f, sc
-    return booster, best, best_rows
+            best, best_f = float(t), f
+    return best
 
 
-def save_object_model(d: Path, kind: str, booster: lgb.Booster, threshold: float,
+def save_object_model(d: Path, kind: str, booster: lgb.Booster, thresholds: dict[str, float],
                       extra: dict) -> None:
     """Write ``learned_<kind>_objects.{txt,json}`` (loaded by :mod:`pipeline.detect.objects`)."""
     d.mkdir(parents=True, exist_ok=True)
@@ -346,7 +365,12 @@ def save_object_model(d: Path, kind: str, booster: lgb.Booster, threshold: float
     booster.save_model(str(txt))
     meta = {"name": txt.stem, "model": txt.name, "format": "lightgbm-text",
             "lightgbm": lgb.__version__, "features": O.feature_names(),
-            "candidate_shift": OBJ_CANDIDATE_SHIFT, "threshold": threshold,
+            "candidate_shift": OBJ_CANDIDATE_SHIFT, "threshold": thresholds["all"],
+            "threshold_by_max_res_m": {k: v for k, v in thresholds.items() if k != "all"},
+            "threshold_note": "acceptance threshold of the finest class whose max_res_m >= "
+                              "the pixel size, chosen (macro F1 over the datasets of the "
+                              "class) on out-of-fold objects of that class; 'threshold' "
+                              "(all objects) for pixel sizes outside every class",
             "positive": "soft label: share of the object's labelled pixels that are change",
             "params": {**OBJ_PARAMS, "num_boost_round": OBJ_ROUNDS}, **extra,
             "licence": "weights derived from research-only datasets (LEVIR-CD, OSCD)"}
@@ -359,11 +383,11 @@ def held_out_objects(rows: list[dict], seed: int) -> tuple[dict[str, dict], dict
     Returns held-out figures per dataset (pixels, simulated from the objects) and the models."""
     models, accepted = {}, [np.zeros(0, bool)] * len(rows)
     for f in sorted({r["fold"] for r in rows}):
-        b, t, _ = fit_object_model([r for r in rows if r["fold"] != f], seed)
-        models[f] = (b, t)
+        b, ts = fit_object_model([r for r in rows if r["fold"] != f], seed)
+        models[f] = (b, ts)
         for i, r in enumerate(rows):
             if r["fold"] == f:
-                accepted[i] = _predict_rows(b, [r])[0] >= t
+                accepted[i] = _predict_rows(b, [r])[0] >= ts.get(str(r["cls"]), ts["all"])
     sc = _obj_scores(rows, accepted)
     sc["macro"] = {k: float(np.mean([v[k] for v in sc.values()])) for k in ("precision",
                                                                            "recall", "f1")}
@@ -388,8 +412,8 @@ def ship_objects(out: Path, kind: str, entries: list | None, names: list[str], s
         stale.unlink(missing_ok=True)
     if entries is None:
         return
-    b, t, _ = fit_object_model(object_rows(entries, names), seed)
-    save_object_model(out, kind, b, t, {
+    b, ts = fit_object_model(object_rows(entries, names), seed)
+    save_object_model(out, kind, b, ts, {
         "training_cases": meta["training_cases"],
         "trained_on": "case-split out-of-fold objects of every case, at the shipped pixel "
                       "thresholds; threshold by cross-validation over the case folds",
@@ -397,7 +421,7 @@ def ship_objects(out: Path, kind: str, entries: list | None, names: list[str], s
         "held_out_protocol": "pixel figures simulated from out-of-fold objects; a fold's "
                              "object model is trained on the other folds' objects only",
         "seed": seed})
-    print(f"[{kind}] wrote object model (threshold {t})", flush=True)
+    print(f"[{kind}] wrote object model (thresholds {ts})", flush=True)
 
 
 def run(kind: str, cases: list[Case], out: Path, seed: int, dump: Path | None = None,
@@ -515,7 +539,7 @@ def run(kind: str, cases: list[Case], out: Path, seed: int, dump: Path | None = 
     }
     (out / f"learned_{kind}.json").write_text(json.dumps(meta, indent=1))
     # shipped object model: every case's case-split out-of-fold objects, formed at the
-    # shipped thresholds; its acceptance threshold by cross-validation over the case folds
+    # shipped thresholds; its acceptance thresholds by cross-validation over the case folds
     ship_objects(out, kind, [(use[i], stacks[i], s[1], thresholds[str(res_class(s[4]))], f)
                              for i, s, f in zip(cases_idx, cases_scored, cases_fold_of,
                                                 strict=True)] if objects else None,
@@ -525,7 +549,8 @@ def run(kind: str, cases: list[Case], out: Path, seed: int, dump: Path | None = 
     return meta
 
 
-def save_fold_objects(d: Path, kind: str, model: tuple[lgb.Booster, float] | None, proto: str,
+def save_fold_objects(d: Path, kind: str, model: tuple[lgb.Booster, dict[str, float]] | None,
+                      proto: str,
                       test: list[Case]) -> None:
     """Write (or, without the object stage, remove) a fold's object model."""
     if model is None:

@@ -98,7 +98,8 @@ def test_object_truth_positive_cover() -> None:
     assert list(ch) == [6, 0] and list(no) == [4, 2] and list(pos) == [True, False]
 
 
-def _write_object_model(d: Path, threshold: float = 0.5) -> None:
+def _write_object_model(d: Path, threshold: float = 0.5,
+                        by_res: dict[str, float] | None = None) -> None:
     """A tiny object model that learned: high mean score margin = change."""
     import lightgbm as lgb
 
@@ -111,7 +112,8 @@ def _write_object_model(d: Path, threshold: float = 0.5) -> None:
     txt, js = O.object_model_paths("rgb", d)
     booster.save_model(str(txt))
     js.write_text(json.dumps({"features": O.feature_names(), "candidate_shift": 0.0,
-                              "threshold": threshold}))
+                              "threshold": threshold,
+                              **({"threshold_by_max_res_m": by_res} if by_res else {})}))
 
 
 @needs_lgb
@@ -132,6 +134,33 @@ def test_object_model_rejects_known_false_object(tmp_path) -> None:
     assert kept[5:15, 5:15].all()
     assert not kept[35:45, 35:45].any()
     assert not kept[~cand].any()
+
+
+@needs_lgb
+def test_object_threshold_by_resolution_class(tmp_path) -> None:
+    """Each pixel size takes the threshold of the finest class that holds it; sizes beyond
+    every class (and models without classes) take the overall threshold."""
+    _write_object_model(tmp_path, threshold=0.3, by_res={"20.0": 0.6, "2.0": 0.1})
+    model = O.load_object_model("rgb", tmp_path)
+    assert model is not None
+    assert [model.threshold_for(r) for r in (0.5, 2.0, 2.5, 10.0, 20.0, 30.0)] == [
+        0.1, 0.1, 0.6, 0.6, 0.6, 0.3]
+    # the class threshold decides: a strong object (mean probability ~1) passes 0.6 at 10 m
+    # and fails an impossible class threshold at 1 m
+    _write_object_model(tmp_path, threshold=0.3, by_res={"2.0": 1.01, "20.0": 0.6})
+    O._load.cache_clear()
+    model = O.load_object_model("rgb", tmp_path)
+    cand = np.zeros((40, 40), bool)
+    cand[10:30, 10:30] = True
+    raw = np.where(cand, np.float32(0.95), np.float32(0.05))
+    for res, kept in ((10.0, True), (1.0, False)):
+        names, stack = _stack(cand.shape, res)
+        got = O.filter_objects(model, cand, raw, 0.5, names, stack, np.ones(cand.shape, bool),
+                               res)
+        assert got[cand].all() == kept and not got[~cand].any()
+    _write_object_model(tmp_path, threshold=0.4)
+    O._load.cache_clear()
+    assert O.load_object_model("rgb", tmp_path).threshold_for(1.0) == 0.4
 
 
 @needs_lgb

@@ -6,8 +6,8 @@ per-object features (:func:`object_features`: area and extent in metres, shape, 
 inside and in a ring around the object, mean pixel change features inside vs the ring,
 vegetation before / after) and a small LightGBM model (``learned_<set>_objects.{txt,json}`` next
 to the pixel model, same folder rules, i.e. ``$TUBAN_MODEL_DIR`` for fold models) keeps the
-objects whose probability reaches its decision threshold. Without that file there is no object
-stage.
+objects whose probability reaches the decision threshold of the image's resolution class.
+Without that file there is no object stage.
 
 Made by ``bench/train_detector.py`` (seeded; ``python bench/train_detector.py --sets rgb``
 writes both models): trained only on *out-of-fold* objects, i.e. objects that a fold's pixel
@@ -191,6 +191,13 @@ class ObjectModel:
     #: accept an object when the model's probability is at least this
     threshold: float
     meta: dict = field(repr=False)
+    #: acceptance threshold per resolution class, finest first: ``(max_res_m, t)``; pixel sizes
+    #: outside every class take ``threshold``
+    thresholds: tuple[tuple[float, float], ...] = ()
+
+    def threshold_for(self, res_m: float) -> float:
+        """Acceptance threshold for imagery of ``res_m`` metres."""
+        return next((t for m, t in self.thresholds if res_m <= m), self.threshold)
 
     def candidate_threshold(self, threshold_raw: float) -> float:
         """Raw-score threshold forming the candidate objects."""
@@ -226,8 +233,10 @@ def _load(kind: str, model_dir: Path) -> ObjectModel | None:
     if tuple(meta["features"]) != tuple(feature_names()):
         raise ValueError(f"feature mismatch between code and object model {txt}: retrain")
     booster = lgb.Booster(model_file=str(txt))
+    by_res = sorted((float(m), float(t))
+                    for m, t in meta.get("threshold_by_max_res_m", {}).items())
     return ObjectModel(booster, tuple(meta["features"]), float(meta["candidate_shift"]),
-                       float(meta["threshold"]), meta)
+                       float(meta["threshold"]), meta, tuple(by_res))
 
 
 def filter_objects(model: ObjectModel, candidates: np.ndarray, raw: np.ndarray,
@@ -238,5 +247,5 @@ def filter_objects(model: ObjectModel, candidates: np.ndarray, raw: np.ndarray,
     if n == 0:
         return candidates & False
     x = object_features(lab, n, raw, threshold_raw, names, stack, valid, res_m)
-    keep = np.concatenate([[False], model.predict(x, threads) >= model.threshold])
+    keep = np.concatenate([[False], model.predict(x, threads) >= model.threshold_for(res_m)])
     return keep[lab]
