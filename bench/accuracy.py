@@ -17,9 +17,9 @@ them under two protocols, leave-one-dataset-out (``lodo``, 4 models: the headlin
 model never saw) and a 3-fold case split within each dataset with LEVIR crops kept with their
 tiles (``cases``), and each case runs through ``tuban compare`` with the model of the fold that
 did not see it (``TUBAN_MODEL_DIR``). Fold models are cached in ``bench/.cache/folds/`` under a
-key of the training recipe (``train_detector.py``, ``features.py`` and ``objects.py`` sources,
-seed) and the case list; a rerun with the same key only runs the comparisons. Run it under the
-CPU lock::
+key of the training recipe (``train_detector.py``, ``features.py``, ``objects.py`` and
+``learned.py`` sources, seed) and the case list; a rerun with the same key only runs the
+comparisons. Run it under the CPU lock::
 
     flock /tmp/tuban-cpu.lock .venv/bin/python bench/accuracy.py [--cases DIR] [--only levir]
         [--protocols lodo,cases] [--no-train-set] [--direct] [--json PATH]
@@ -201,11 +201,12 @@ def _table(rows: dict[str, dict[str, float]], title: str,
 
 
 def recipe_key(case_dirs: list[Path], seed: int = SEED) -> str:
-    """Hash of the training recipe (trainer, feature and object-feature sources, seed) and the
-    case list."""
+    """Hash of the training recipe (trainer, feature, object-feature and decision sources,
+    seed) and the case list."""
     h = hashlib.sha256()
     for f in (ROOT / "bench" / "train_detector.py", ROOT / "pipeline" / "detect" / "features.py",
-              ROOT / "pipeline" / "detect" / "objects.py"):
+              ROOT / "pipeline" / "detect" / "objects.py",
+              ROOT / "pipeline" / "detect" / "learned.py"):  # decide_raw, predict_map
         h.update(f.read_bytes())
     h.update(f"seed={seed};sets=rgb;".encode())
     h.update("\n".join(f"{p.parent.name}/{p.name}" for p in case_dirs).encode())
