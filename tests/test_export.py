@@ -296,6 +296,23 @@ def test_write_evidence(tmp_path: Path, patches: gpd.GeoDataFrame) -> None:
     assert img[100, 100].tolist() == [60, 60, 60] and img[100, 304].tolist() == [200] * 3
 
 
+def test_evidence_panels_enlarge_by_pixels_and_reduce_without_aliasing() -> None:
+    """Chips smaller than the panel are enlarged pixel by pixel (every panel colour is a chip
+    colour); larger chips are reduced with a filter (a 1 px checkerboard turns grey, where
+    dropping pixels would leave it black or white)."""
+    rng = np.random.default_rng(3)
+    chip = rng.integers(0, 256, (37, 41, 3), dtype=np.uint8)
+    panel = np.asarray(export._panel(chip, (256, 230)))
+    assert panel.shape == (230, 256, 3)
+    chip_colours = {tuple(c) for c in chip.reshape(-1, 3)}
+    assert {tuple(c) for c in panel.reshape(-1, 3)} <= chip_colours
+    assert panel[0, 0].tolist() == chip[0, 0].tolist()
+    assert panel[-1, -1].tolist() == chip[-1, -1].tolist()
+    board = ((np.indices((512, 512)).sum(0) % 2) * 255).astype(np.uint8)
+    small = np.asarray(export._panel(np.repeat(board[..., None], 3, axis=2), (256, 256)))
+    assert abs(float(small.mean()) - 127.5) < 2 and (small == 0).mean() < 0.01
+
+
 def test_geojson_geometries_in_bulk_equal_one_at_a_time() -> None:
     hole = shapely.Polygon([(0, 0), (4, 0), (4, 4), (0, 4)], [[(1, 1), (2, 1), (2, 2), (1, 2)]])
     geoms = np.array([
