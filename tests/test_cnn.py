@@ -148,8 +148,8 @@ def test_real_levir_tile_network_raises_precision() -> None:
     from accuracy import FOLD_CACHE, counts, load_case, scores
 
     fold = FOLD_CACHE / "cases" / "1"
-    if cnn.net_for(fold, 0.5) is None:
-        pytest.skip("fold networks not trained (bench/accuracy.py trains them)")
+    if cnn.net_for(fold, 0.5) is None or not (fold / "learned_rgb.txt").exists():
+        pytest.skip("fold models not trained (bench/accuracy.py trains them)")
     case = load_case(CASES / "levir" / "test_102")
     assert "levir/test_102" in json.loads(cnn.paths(fold, "rgb_1m")[1].read_text())["test_cases"]
     got = {}
