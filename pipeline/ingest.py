@@ -20,15 +20,17 @@ is ``read_block`` on a coarsened grid.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import glob
 import hashlib
 import logging
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import get_args
+from typing import Any, TypeVar, get_args
 
 import geopandas as gpd
 import numpy as np
@@ -205,6 +207,31 @@ def _check_roles(bands: dict[str, int], count: int, path: Path) -> dict[str, int
     return bands
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _gdal_reason(err: BaseException) -> str:
+    """The innermost message of a chained GDAL error (the one that says what failed)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return " ".join(str(err).split())[:160]
+
+
+def _names_file_on_read_error(fn: _F) -> _F:
+    """GDAL read failures inside ``fn(path_or_dataset, ...)`` (a truncated or corrupt file
+    whose header opens) become one :class:`InputError` naming the file."""
+    @functools.wraps(fn)
+    def wrapper(first: Any, *args: Any, **kw: Any) -> Any:
+        try:
+            return fn(first, *args, **kw)
+        except RasterioIOError as err:
+            name = getattr(first, "name", first)
+            raise InputError(f"{name}: cannot read its pixels ({_gdal_reason(err)}); the file "
+                             "is truncated or corrupt: copy or export it again") from None
+    return wrapper  # type: ignore[return-value]
+
+
+@_names_file_on_read_error
 def _sample_values(ds: rasterio.DatasetReader, band: int, n_side: int = 5,
                    size: int = 64) -> np.ndarray:
     """Valid non-zero values of ``band``: the ≤256 px overview when the file has overviews,
@@ -261,7 +288,8 @@ def _open_tiles(paths: list[Path], *, same_count: bool = True) -> list[Tile]:
                                           "EPSG:4547) and retry")
                 tiles.append(Tile(p, crs, tuple(ds.bounds), ds.shape, ds.count))
         except RasterioIOError:
-            raise NotRasterError(f"{p}: not a raster GDAL can read; give a GeoTIFF") from None
+            raise NotRasterError(f"{p}: not a raster GDAL can read (not an image, or cut short "
+                                 "before its header); give a complete GeoTIFF") from None
     counts = {t.count for t in tiles}
     if same_count and len(counts) > 1:
         a, b = tiles[0], next(t for t in tiles if t.count != tiles[0].count)
@@ -584,6 +612,7 @@ def _read_direct(ds: rasterio.DatasetReader, indexes: list[int], off: tuple[int,
     return out, valid
 
 
+@_names_file_on_read_error
 def _warp_file(path: Path, indexes: list[int], dst_transform: Affine,
                dst_shape: tuple[int, int], dst_crs: CRS, resampling: str,
                nodata: float | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -630,6 +659,7 @@ def _warp_file(path: Path, indexes: list[int], dst_transform: Affine,
     return out, valid
 
 
+@_names_file_on_read_error
 def _qa_invalid(path: Path, kind: QaKind, dst_transform: Affine, dst_shape: tuple[int, int],
                 dst_crs: CRS) -> np.ndarray | None:
     """A product mask decoded (:mod:`pipeline.qa`) and put on the destination window (nearest);

@@ -162,8 +162,29 @@ def test_not_a_raster(tmp_path: Path) -> None:
     bad = tmp_path / "before.tif"
     bad.write_text("this is not a GeoTIFF")
     res = tuban("compare", bad, SAMPLE / "2024-06" / "scene.tif", "-o", tmp_path / "out")
-    _assert_clean_failure(res, "before.tif", "raster")
+    _assert_clean_failure(res, "before.tif", "raster", "cut short")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keep", [0.05, 0.8])
+def test_truncated_image(tmp_path: Path, keep: float) -> None:
+    """A GeoTIFF cut short (an interrupted copy): its header opens, its pixels do not. Cut
+    early, the first read at ingest fails; cut late, a tile read in the block workers does.
+    Either way one line names the file, and nothing is written."""
+    whole = tmp_path / "whole.tif"  # written as GDAL writes a new file: header first
+    with rasterio.open(SAMPLE / "2024-06" / "scene.tif") as s, \
+            rasterio.open(whole, "w", **s.profile) as d:
+        d.descriptions = s.descriptions  # before the pixels, or the header moves to the end
+        d.update_tags(**s.tags())
+        d.write(s.read())
+    data = whole.read_bytes()
+    whole.unlink()
+    cut = tmp_path / "after.tif"
+    cut.write_bytes(data[:int(len(data) * keep)])
+    res = tuban("compare", SAMPLE / "2024-03" / "scene.tif", cut, "-o", tmp_path / "out")
+    _assert_clean_failure(res, str(cut), "truncated or corrupt")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["after.tif"]  # no work folder left
 
 
 def test_no_crs(tmp_path: Path) -> None:
