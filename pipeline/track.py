@@ -380,9 +380,14 @@ class Register:
         return self.path.with_name(self.path.name + ".bak")
 
     def _corrupt(self, err: object) -> RegisterError:
-        return RegisterError(
-            f"{self.path}: the patch register cannot be read ({str(err).splitlines()[0]}); "
-            f"restore it from {self.backup_path.name} (copy it over {self.path.name}) and rerun")
+        why = f"{self.path}: the patch register cannot be read ({str(err).splitlines()[0]}); "
+        if self.backup_path.exists():
+            return RegisterError(why + f"restore it from {self.backup_path.name} (copy it over "
+                                 f"{self.path.name}) and rerun")
+        # written once, so no earlier version was kept
+        return RegisterError(why + f"no earlier version ({self.backup_path.name}) is kept; "
+                             "restore it from your own backup, or move it aside to start an "
+                             "empty register (patches issued before will be issued again)")
 
     def load(self, crs: Any = None) -> gpd.GeoDataFrame:
         """Read the ``patches`` layer (an empty register in ``crs`` if the file is absent).

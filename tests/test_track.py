@@ -279,12 +279,23 @@ def test_import_verification_errors(tmp_path: Path) -> None:
 
 
 def test_corrupt_register(tmp_path: Path) -> None:
+    """The error points to the backup when there is one, and says so when there is not."""
     path = tmp_path / "register.gpkg"
     path.write_bytes(b"this is not a geopackage" * 100)
-    with pytest.raises(RegisterError, match=r"register\.gpkg\.bak"):
+    with pytest.raises(RegisterError, match=r"no earlier version \(register\.gpkg\.bak\)"):
         Register(path).load()
+    path.unlink()
+    r = Register(path)
+    r.update(patches(BASE), "r1", "2024-06-01")
+    r.update(patches(BASE), "r2", "2024-09-01")  # keeps the first version as the backup
+    assert r.backup_path.exists()
+    path.write_bytes(b"this is not a geopackage" * 100)
+    with pytest.raises(RegisterError, match=r"restore it from register\.gpkg\.bak") as e:
+        Register(path).load()
+    assert "\n" not in str(e.value)
     with pytest.raises(RegisterError, match="restore"):
-        Register(path).update(patches(BASE), "r1", "2024-06-01")
+        Register(path).update(patches(BASE), "r3", "2024-12-01")
+    assert path.read_bytes() == b"this is not a geopackage" * 100  # left as it was
 
 
 def test_crash_during_write_keeps_old_register(tmp_path: Path,
