@@ -33,6 +33,8 @@ from .patches import build_patches
 from .progress import Timings
 
 log = logging.getLogger(__name__)
+#: below this share of the grid observed on both dates a run warns (the rest is unobserved)
+OBSERVED_WARN = 0.5
 
 #: checkpoint folder inside a finished run, read by the stage commands
 WORK = "work"
@@ -76,6 +78,11 @@ def _finish(out_dir: Path, change_tif: Path, *, cfg: PipelineConfig, grid: Grid,
             scheduler: str | None = None) -> None:
     """Hand everything to export, the only writer of results."""
     chips = ChipSource(before, after, grid, pair.params, workers=workers, scheduler=scheduler)
+    observed = pair.n_valid / max(pair.n_pixels, 1)
+    if observed < OBSERVED_WARN:
+        log.warning("%s -> %s: only %.0f %% of the grid was observed on both dates (nodata, "
+                    "cloud, shadow or outside the images); no patches there means nothing was "
+                    "seen, not that nothing changed", before.name, after.name, 100 * observed)
     manifest.update({
         "excluded": pair.excluded,
         "observed_fraction": round(pair.n_valid / max(pair.n_pixels, 1), 4),

@@ -187,6 +187,23 @@ def test_truncated_image(tmp_path: Path, keep: float) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["after.tif"]  # no work folder left
 
 
+def test_unobserved_scene_warns(tmp_path: Path) -> None:
+    """An after image with no valid pixel (all nodata) runs, reports no patches, and says
+    that nothing was seen; a normal pair does not."""
+    src = SAMPLE / "2024-06" / "scene.tif"
+    empty = tmp_path / "empty.tif"
+    with rasterio.open(src) as s, rasterio.open(empty, "w", **s.profile) as d:
+        d.descriptions = s.descriptions
+        d.write(np.zeros((s.count, s.height, s.width), s.dtypes[0]))
+    res = tuban("compare", SAMPLE / "2024-03" / "scene.tif", empty, "-o", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    assert "only 0 % of the grid was observed on both dates" in res.stderr
+    man = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert man["observed_fraction"] == 0.0 and man["counts"]["patches"] == 0
+    res = tuban("compare", SAMPLE / "2024-03" / "scene.tif", src, "-o", tmp_path / "ok")
+    assert res.returncode == 0 and "was observed on both dates" not in res.stderr
+
+
 def test_no_crs(tmp_path: Path) -> None:
     arr = np.ones((3, 32, 32), np.uint8)
     p = tmp_path / "nocrs.tif"
