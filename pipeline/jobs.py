@@ -85,8 +85,8 @@ def _finish(out_dir: Path, change_tif: Path, *, cfg: PipelineConfig, grid: Grid,
                     "seen, not that nothing changed", before.name, after.name, 100 * observed)
     manifest.update({
         "excluded": pair.excluded,
-        "observed_fraction": round(pair.n_valid / max(pair.n_pixels, 1), 4),
-        "not_observed_fraction": round(1 - pair.n_valid / max(pair.n_pixels, 1), 4),
+        "observed_fraction": round(observed, 4),
+        "not_observed_fraction": round(1 - observed, 4),
         "detector": pair.detector,
         "alignment": {"shift_px": [float(v) for v in pair.params.shift_px],
                       "gain": np.asarray(pair.params.gain, float).tolist(),
