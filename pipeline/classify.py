@@ -18,6 +18,9 @@ Decision (first match wins; ``f_role`` = fraction of the object on that rule lay
 * cloud-like whole object (>= 1000 m², visible reflectance >= 0.42, flat, NDVI < 0.1): a
   cloud the mask missed -> ``other_change`` (kept for review, never a violation).
 * after state darker than ``DARK`` (water, deep shadow) is never bare or built ground.
+* mapped water (``f_water`` >= 0.5): still water after (dark, or NDVI < 0) -> excluded as
+  ``water`` (turbidity, algae); bare or built ground after, with NIR -> ``land_occupation``
+  (a filled pond); without NIR, or vegetated after -> ``other_change``.
 * forest loss (``f_forest`` >= 0.5, vegetation before, vegetation lost): ``forest_grave`` when
   its area <= ``categories['forest_grave'].max_area_m2``, excluded as ``cemetery`` when mostly in
   a designated cemetery; a larger clearing is ``land_occupation``.
@@ -29,7 +32,8 @@ Decision (first match wins; ``f_role`` = fraction of the object on that rule lay
 * elsewhere: a new, compact, non-vegetated, built-coloured surface (flat or blue-shifted spectrum,
   or red-tile red) -> ``illegal_construction``.
 * mostly inside a permit (``f_permits`` >= 0.5): construction and occupation are excluded as
-  ``permit``.
+  ``permit``; occupation mostly on approved construction land (``f_construction_land``) as
+  ``construction_land`` (a building there still needs its permit).
 * anything else confidently changed -> ``other_change``.
 
 Confidence. ``conf = sigmoid(logit(p_mean) + GAIN * (2 * support - 1))`` where ``p_mean`` is
@@ -90,6 +94,8 @@ BRIGHTER = 1.3
 BUILT_BLUE_SHARE, BUILT_RED_SHARE = 0.29, 0.48
 #: below this mean visible reflectance the after state is water or deep shadow, not ground
 DARK = 0.06
+#: below this NDVI (NIR absorbed) a surface on the ``water`` rule layer is still water
+WATER_NDVI = 0.0
 #: an after state this bright and flat over this area is taken for a cloud the mask missed:
 #: reported as other_change (for review), never as a violation
 CLOUD_BRIGHT, CLOUD_MIN_M2 = 0.42, 1000.0
@@ -339,6 +345,8 @@ def _decide_row(g: dict[str, float], *, res_m: float,
         g["built"] = g["bare"]
     g["lost"] = float(vb >= VEG_BEFORE_MIN and vb - va >= VEG_LOSS_MIN)
     g["bareness"] = min(1.0, max(0.0, 1.0 - va))
+    if g.get("f_water", 0.0) >= MAJORITY:
+        return _water_rule(g)
     if g["f_forest"] >= MAJORITY and g["lost"]:
         return _forest_rule(g, g["n"] * res_m * res_m, categories)
     if g["f_farmland"] + g["f_ecological_redline"] >= MAJORITY:
@@ -353,9 +361,29 @@ def _forest_rule(g: dict[str, float], area_m2: float,
         if g["f_cemeteries"] >= MAJORITY:
             return "excluded:cemetery", 0.0
         return "forest_grave", min(1.0, (g["veg_before"] - g["veg_after"]) / 0.7)
+    return _occupation(g, g["bareness"])
+
+
+def _occupation(g: dict[str, float], support: float) -> tuple[str, float]:
+    """Cleared or hardened ground: ``land_occupation`` unless a permit or approved
+    construction land (the ``construction_land`` rule layer) covers most of it."""
     if g["f_permits"] >= MAJORITY:
         return "excluded:permit", 0.0
-    return "land_occupation", g["bareness"]
+    if g.get("f_construction_land", 0.0) >= MAJORITY:
+        return "excluded:construction_land", 0.0
+    return "land_occupation", support
+
+
+def _water_rule(g: dict[str, float]) -> tuple[str, float]:
+    """Mapped water (the ``water`` rule layer). A water surface on both dates (turbidity,
+    algae, glint) is no finding; ground where the water was (a filled pond, a built-out bank)
+    is occupation. Without NIR a browner water surface looks like soil: kept for review."""
+    na = g["ndvi_after"]
+    if g["bright_after"] < DARK or (math.isfinite(na) and na < WATER_NDVI):
+        return "excluded:water", 0.0
+    if not math.isfinite(na) or g["veg_after"] >= VEG_AFTER_GREEN:
+        return "other_change", 0.5  # unknown surface, or plants on water / an exposed bank
+    return _occupation(g, g["bareness"])
 
 
 def _farmland_rule(g: dict[str, float]) -> tuple[str, float]:
@@ -366,9 +394,7 @@ def _farmland_rule(g: dict[str, float]) -> tuple[str, float]:
         return "excluded:seasonal", 0.0
     brighter = g["bright_after"] >= BRIGHTER * g["bright_before"]
     if (g["bare"] or g["built"]) and (g["lost"] or (g["built"] and brighter)):
-        if g["f_permits"] >= MAJORITY:
-            return "excluded:permit", 0.0
-        return "land_occupation", g["bareness"] * (1.0 - 0.5 * g["fill"])
+        return _occupation(g, g["bareness"] * (1.0 - 0.5 * g["fill"]))
     return "other_change", 0.5
 
 

@@ -23,6 +23,7 @@ SPEC = {
     "soil": (0.12, 0.15, 0.20, 0.26), "laterite": (0.11, 0.13, 0.21, 0.27),
     "hard": (0.20, 0.21, 0.22, 0.25), "roof": (0.22, 0.18, 0.10, 0.16),
     "tomb": (0.38, 0.39, 0.40, 0.42),
+    "water": (0.05, 0.06, 0.04, 0.02), "turbid": (0.05, 0.10, 0.14, 0.08),
 }
 N = 128
 # rule layers in pixel space (rows, cols): forest left, farmland top right (2 parcels)
@@ -266,3 +267,59 @@ def test_building_veto_holds_outside_open_ground_only() -> None:
     no_farm = {k: v for k, v in masks().items() if k not in ("farmland", PARCEL_KEY)}
     res2 = classify_block(vetoed, no_farm, valid, res_m=1.0, cfg=CFG, categories=CATS)
     assert (res2.category[on_farm] == 0).all()
+
+
+POND = (slice(64, 90), slice(66, 90))  # open ground, clear of the permit
+
+
+def _with(extra: dict[str, tuple[slice, slice]]) -> dict[str, np.ndarray]:
+    out = masks()
+    for role, where in extra.items():
+        m = np.zeros((N, N), bool)
+        m[where] = True
+        out[role] = m
+    return out
+
+
+def test_mapped_water_turning_turbid_is_no_finding() -> None:
+    """Silt colours a pond red-brown: excluded on the water layer; off it, the same change
+    passes for a red-tiled roof (the false alarm the layer prevents)."""
+    before = base_scene()
+    paint(before, POND, "water")
+    after = before.copy()
+    paint(after, POND, "turbid")
+    res = classify(before, after, rules=_with({"water": POND}))
+    assert (res.category == 0).all()
+    assert res.excluded["water"] == 1
+    res = classify(before, after)
+    assert CATEGORY_CODES["illegal_construction"] in codes_in(res.category, POND)
+
+
+def test_filled_pond_is_occupation_unless_rgb_only() -> None:
+    before = base_scene()
+    paint(before, POND, "water")
+    after = before.copy()
+    filled = (slice(66, 86), slice(68, 88))
+    paint(after, filled, "soil")
+    res = classify(before, after, rules=_with({"water": POND}))
+    assert codes_in(res.category, filled) == {CATEGORY_CODES["land_occupation"]}
+    rgb = [2, 1, 0]  # without NIR a brown water surface and soil look alike: for review only
+    res = classify(before[rgb], after[rgb], roles=("red", "green", "blue"),
+                   rules=_with({"water": POND}))
+    assert codes_in(res.category, filled) == {CATEGORY_CODES["other_change"]}
+
+
+def test_occupation_on_construction_land_is_excluded_but_buildings_are_not() -> None:
+    """Farmland approved for construction: hardened ground there is no occupation; a new
+    roof on construction land outside any permit is still illegal construction."""
+    before = base_scene()
+    after = before.copy()
+    field = (slice(10, 35), slice(100, 122))
+    roof = (slice(70, 82), slice(70, 86))
+    paint(after, field, "hard")
+    paint(after, roof, "roof")
+    res = classify(before, after, rules=_with({"construction_land": (slice(0, 90),
+                                                                     slice(64, N))}))
+    assert (res.category[field] == 0).all()
+    assert res.excluded["construction_land"] == 1
+    assert codes_in(res.category, roof) == {CATEGORY_CODES["illegal_construction"]}
