@@ -60,9 +60,9 @@ EvidenceRenderer = Callable[[list[tuple[dict[str, Any], BBox]], int], Iterator[b
 PATCH_FIELDS: tuple[str, ...] = (
     "patch_id", "category", "category_zh", "confidence", "area_m2", "area_mu", "centroid_lon",
     "centroid_lat", "admin_code", "admin_name", "forest_m2", "farmland_m2",
-    "ecological_redline_m2", "permits_m2", "cemeteries_m2", "before_date", "after_date",
-    "sensor", "resolution_m", "run_id", "first_seen", "status", "evidence", "ndvi_before",
-    "ndvi_after", "bright_before", "bright_after")
+    "ecological_redline_m2", "permits_m2", "cemeteries_m2", "water_m2", "construction_land_m2",
+    "before_date", "after_date", "sensor", "resolution_m", "run_id", "first_seen", "status",
+    "evidence", "ndvi_before", "ndvi_after", "bright_before", "bright_after")
 
 #: tasks.csv columns: (field, Chinese header); the header cell is ``"<中文> <field>"``.
 TASK_COLUMNS: tuple[tuple[str, str], ...] = (

@@ -19,7 +19,7 @@ from .types import CATEGORY_ZH, MU_M2
 
 #: rule-layer roles whose overlap area is recorded on each patch (column ``<role>_m2``)
 OVERLAP_ROLES: tuple[str, ...] = ("forest", "farmland", "ecological_redline", "permits",
-                                  "cemeteries")
+                                  "cemeteries", "water", "construction_land")
 
 
 def overlap_areas(geoms: np.ndarray, layer: gpd.GeoDataFrame | None) -> np.ndarray:

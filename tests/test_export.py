@@ -70,7 +70,7 @@ def patches() -> gpd.GeoDataFrame:
         "admin_code": [r[3] for r in rows],
         "admin_name": [r[4] for r in rows],
         "forest_m2": np.float32(0.0), "farmland_m2": 0.0, "ecological_redline_m2": 0.0,
-        "permits_m2": 0.0, "cemeteries_m2": 0.0,
+        "permits_m2": 0.0, "cemeteries_m2": 0.0, "water_m2": 0.0, "construction_land_m2": 0.0,
         "before_date": "2024-01-10", "after_date": "2024-06-01",
         "sensor": "GF-2", "resolution_m": 1.0,
         "ndvi_before": [0.6, NAN, 0.7, 0.1, 0.2, 0.3, 0.4, 0.5, 0.1],
