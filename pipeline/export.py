@@ -554,6 +554,9 @@ def _write_all_evidence(patches: gpd.GeoDataFrame, folder: Path, render: Evidenc
               chip_bounds(recs[i]["geometry"], min_size_m=min_size_m)) for i in todo]
     rel: list[Any] = [None] * len(recs)
     folder.mkdir(parents=True, exist_ok=True)
+    if todo and not _font(13)[1]:
+        log.info("no CJK font found: evidence captions name categories in English only "
+                 "(install one, e.g. Debian's fonts-wqy-microhei)")
     progress = Progress("evidence", len(todo), unit="patch", units="patches")
     for i, png in zip(todo, render(items, panel_px), strict=True):
         progress.update()

@@ -296,6 +296,24 @@ def test_write_evidence(tmp_path: Path, patches: gpd.GeoDataFrame) -> None:
     assert img[100, 100].tolist() == [60, 60, 60] and img[100, 304].tolist() == [200] * 3
 
 
+def test_evidence_says_when_captions_lack_chinese(tmp_path: Path, patches: gpd.GeoDataFrame,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    def render(items: list, panel_px: int) -> Any:
+        return iter(["no chip"] * len(items))
+
+    monkeypatch.setattr(export, "_CJK_FONTS", ())
+    export._font.cache_clear()
+    try:
+        with caplog.at_level("INFO", logger="pipeline.export"), \
+                pytest.warns(export.TubanWarning):
+            export._write_all_evidence(patches, tmp_path / "ev", render, min_size_m=40,
+                                       panel_px=256)
+    finally:
+        export._font.cache_clear()
+    assert "no CJK font found" in caplog.text
+
+
 def test_evidence_panels_enlarge_by_pixels_and_reduce_without_aliasing() -> None:
     """Chips smaller than the panel are enlarged pixel by pixel (every panel colour is a chip
     colour); larger chips are reduced with a filter (a 1 px checkerboard turns grey, where
