@@ -345,7 +345,7 @@ def _decide_row(g: dict[str, float], *, res_m: float,
         g["built"] = g["bare"]
     g["lost"] = float(vb >= VEG_BEFORE_MIN and vb - va >= VEG_LOSS_MIN)
     g["bareness"] = min(1.0, max(0.0, 1.0 - va))
-    if g.get("f_water", 0.0) >= MAJORITY:
+    if g["f_water"] >= MAJORITY:
         return _water_rule(g)
     if g["f_forest"] >= MAJORITY and g["lost"]:
         return _forest_rule(g, g["n"] * res_m * res_m, categories)
@@ -369,7 +369,7 @@ def _occupation(g: dict[str, float], support: float) -> tuple[str, float]:
     construction land (the ``construction_land`` rule layer) covers most of it."""
     if g["f_permits"] >= MAJORITY:
         return "excluded:permit", 0.0
-    if g.get("f_construction_land", 0.0) >= MAJORITY:
+    if g["f_construction_land"] >= MAJORITY:
         return "excluded:construction_land", 0.0
     return "land_occupation", support
 
