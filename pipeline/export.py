@@ -438,6 +438,10 @@ _CJK_FONTS = ("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
               "C:/Windows/Fonts/msyh.ttc", "/System/Library/Fonts/PingFang.ttc")
 
 
+#: caption font size of the evidence PNGs (px)
+CAPTION_PX = 13
+
+
 @lru_cache(maxsize=8)
 def _font(size: int) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, bool]:
     """A font, and whether it can render Chinese."""
@@ -478,7 +482,7 @@ def render_evidence(patch: Mapping[str, Any], before_chip: np.ndarray, after_chi
     x0, y0, x1, y1 = bounds
     ph = max(1, round(panel_px * (y1 - y0) / (x1 - x0)))
     gap, strip = 4, 44
-    font, cjk = _font(13)
+    font, cjk = _font(CAPTION_PX)
     img = Image.new("RGB", (2 * panel_px + gap, ph + strip), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     for i, (chip, label, date) in enumerate(((before_chip, "BEFORE", patch.get("before_date")),
@@ -554,7 +558,7 @@ def _write_all_evidence(patches: gpd.GeoDataFrame, folder: Path, render: Evidenc
               chip_bounds(recs[i]["geometry"], min_size_m=min_size_m)) for i in todo]
     rel: list[Any] = [None] * len(recs)
     folder.mkdir(parents=True, exist_ok=True)
-    if todo and not _font(13)[1]:
+    if todo and not _font(CAPTION_PX)[1]:
         log.info("no CJK font found: evidence captions name categories in English only "
                  "(install one, e.g. Debian's fonts-wqy-microhei)")
     progress = Progress("evidence", len(todo), unit="patch", units="patches")
