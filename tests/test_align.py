@@ -119,6 +119,19 @@ def test_radiometry_recovers_gain_offset_with_20pct_changed(texture) -> None:
     assert np.abs(fixed - ref)[:, ~changed].mean() < 0.003
 
 
+def test_radiometry_weakly_correlated_dates_match_spread_not_a_clamp() -> None:
+    # dates of different seasons correlate at r ~ 0.3 (LEVIR's Google Earth pairs): a total
+    # least squares line swings to the axis of the larger variance (gain 5, the clamp)
+    rng = np.random.default_rng(5)
+    ref = rng.random((3, 200, 200)).astype("float32")
+    mov = (0.2 + 0.8 * (0.3 * ref + 0.7 * rng.random((3, 200, 200)))).astype("float32")
+    gain, offset = estimate_radiometry(ref, mov, np.ones((200, 200), bool))
+    spread = ref.reshape(3, -1).std(1) / mov.reshape(3, -1).std(1)  # 1.64
+    assert gain == pytest.approx(spread, rel=0.15)
+    fixed = apply_radiometry(mov, gain, offset)
+    assert fixed.mean() == pytest.approx(ref.mean(), abs=0.03)
+
+
 def test_radiometry_too_few_pixels_is_identity() -> None:
     z = np.zeros((3, 5, 5), "float32")
     gain, offset = estimate_radiometry(z, z, np.zeros((5, 5), bool))
@@ -182,6 +195,29 @@ def test_read_aligned_block_drops_clouds(make_raster, texture) -> None:
     _, _, valid = read_aligned_block(b_src, a_src, grid, Window(0, 0, 200, 200), params)
     assert not valid[where["cloud"]].any() and not valid[where["shadow"]].any()
     assert valid[where["water"]].all() and valid[where["forest"]].all()
+
+
+def test_read_aligned_block_judges_cloud_by_the_after_date_as_acquired(make_raster,
+                                                                        texture) -> None:
+    # a flat, hazy after date normalised by gain 2 lifts a grey roof (0.45) to 0.9: cloud
+    # brightness in the before date's radiometry, not in the image as acquired
+    clear = _scene(texture, (200, 200), seed=30)[:3]
+    hazy = 0.5 * clear
+    hazy[:, 100:130, 100:130] = 0.45
+    to_dn = lambda a: (a * 10_000).astype("uint16")  # noqa: E731
+    pb = make_raster("b.tif", to_dn(clear), descriptions=BGRN[:3], res=10.0)
+    pa = make_raster("a.tif", to_dn(hazy), descriptions=BGRN[:3], res=10.0)
+    b_src, a_src = open_image(pb), open_image(pa)
+    grid = Grid.from_bounds(b_src.bounds, 10.0, b_src.crs)
+    params = AlignParams(roles=BGRN[:3], gain=(2.0,) * 3, offset=(0.0,) * 3)
+    _, aa, valid = read_aligned_block(b_src, a_src, grid, Window(0, 0, 200, 200), params)
+    assert aa[:, 100:130, 100:130].min() > 0.8 and valid.all()
+    white = hazy.copy()
+    white[:, 100:130, 100:130] = 0.9  # a real cloud as acquired is still one
+    pw = make_raster("w.tif", to_dn(white), descriptions=BGRN[:3], res=10.0)
+    _, _, valid = read_aligned_block(b_src, open_image(pw), grid, Window(0, 0, 200, 200),
+                                     params)
+    assert not valid[100:130, 100:130].any()
 
 
 # -------------------------------------------------------------------------------- real data

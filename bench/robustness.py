@@ -1,0 +1,199 @@
+"""Held-out accuracy when the imagery differs from what the models learned from.
+
+Detection is judged on sensors, cities and seasons that are not in ``../shared``. This bench
+asks how far the held-out figures of ``bench/accuracy.py`` (case split: each case runs through
+``tuban compare`` with the fold model that did not see it) move when each case's images are
+changed the way another sensor or acquisition would change them, the label left as it is:
+
+- ``tone_after``: the after date brighter, with another gamma and a colour cast (another sensor,
+  sun or atmosphere on one date; radiometric normalisation should absorb it);
+- ``sensor_both``: both dates hazier and flatter, with another tone curve and colour balance
+  (a sensor whose colours the model never saw);
+- ``shift_after``: the after date moved by (1.5, -1.0) pixels (co-registration);
+- ``blur_after``: the after date blurred by a Gaussian of 0.8 px (another optic);
+- ``noise_both``: Gaussian noise of 1 % of full scale on both dates;
+- ``coarser``: both dates averaged 2×2, e.g. 0.5 m → 1 m (GF-2, Jilin-1) and 10 m → 20 m.
+
+It prints per dataset F1 and precision for the images as they are and for each change, and the
+change in F1. Run it under the CPU lock after ``bench/accuracy.py`` has trained the fold models::
+
+    flock /tmp/tuban-cpu.lock .venv/bin/python bench/robustness.py [--only levir,oscd]
+        [--perturb tone_after,coarser] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.transform import Affine
+from scipy import ndimage as ndi
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from accuracy import (  # noqa: E402
+    DEFAULT_CASES,
+    _add,
+    _scale,
+    counts,
+    fold_models,
+    iter_case_dirs,
+    macro,
+    run_compare,
+    scores,
+)
+
+#: (band-stack in 0–1, which date) -> perturbed band-stack; None leaves that date alone
+Perturb = Callable[[np.ndarray, str], np.ndarray | None]
+
+
+def _cast(n: int, gains: tuple[float, float, float]) -> np.ndarray:
+    """Per-band gains for the first three bands (others 1), as a (bands, 1, 1) array."""
+    g = np.ones(n, np.float32)
+    g[: min(3, n)] = gains[: min(3, n)]
+    return g[:, None, None]
+
+
+def tone_after(x: np.ndarray, date: str) -> np.ndarray | None:
+    if date != "after":
+        return None
+    return 1.08 * np.power(x, 0.8) * _cast(len(x), (1.06, 1.0, 0.92)) + 0.02
+
+
+def sensor_both(x: np.ndarray, date: str) -> np.ndarray:
+    return 0.1 + 0.75 * np.power(x, 1.25) * _cast(len(x), (0.95, 1.0, 1.08))
+
+
+def shift_after(x: np.ndarray, date: str) -> np.ndarray | None:
+    if date != "after":
+        return None
+    return np.stack([ndi.shift(b, (1.5, -1.0), order=1, mode="nearest") for b in x])
+
+
+def blur_after(x: np.ndarray, date: str) -> np.ndarray | None:
+    if date != "after":
+        return None
+    return np.stack([ndi.gaussian_filter(b, 0.8) for b in x])
+
+
+def noise_both(x: np.ndarray, date: str) -> np.ndarray:
+    seed = 1 if date == "after" else 0
+    return x + np.random.default_rng(seed).normal(0, 0.01, x.shape).astype(np.float32)
+
+
+PERTURBATIONS: dict[str, Perturb] = {
+    "tone_after": tone_after, "sensor_both": sensor_both, "shift_after": shift_after,
+    "blur_after": blur_after, "noise_both": noise_both,
+}
+
+
+def _coarser(src: rasterio.DatasetReader, x: np.ndarray) -> tuple[np.ndarray, Affine]:
+    h, w = (x.shape[1] // 2) * 2, (x.shape[2] // 2) * 2
+    y = x[:, :h, :w].reshape(len(x), h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+    return y, src.transform * Affine.scale(2)
+
+
+def write_perturbed(case_dir: Path, out_dir: Path, name: str) -> None:
+    """Write ``before.tif``/``after.tif`` of ``case_dir`` changed by ``name`` into ``out_dir``
+    (same dtype and band descriptions; nodata pixels stay nodata)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for date in ("before", "after"):
+        with rasterio.open(case_dir / f"{date}.tif") as src:
+            prof = src.profile
+            scale = _scale(src.dtypes[0])
+            raw = src.read()
+            x = raw.astype(np.float32) / scale
+            nodata = (raw == src.nodata).all(0) if src.nodata is not None else None
+            tr = src.transform
+            if name == "coarser":
+                x, tr = _coarser(src, x)
+                nodata = None if nodata is None else _coarser(src, nodata[None] * 1.0)[0][0] > 0
+            else:
+                y = PERTURBATIONS[name](x, date)
+                x = x if y is None else y
+            hi = {"uint8": 255, "uint16": 65535}.get(src.dtypes[0])
+            arr = x * scale
+            if hi is not None:
+                arr = np.clip(np.rint(arr), 0, hi)
+            arr = arr.astype(src.dtypes[0])
+            if nodata is not None:
+                arr[:, nodata] = src.nodata
+            prof.update(width=arr.shape[2], height=arr.shape[1], transform=tr)
+            prof.pop("blockxsize", None), prof.pop("blockysize", None)
+            prof["tiled"] = False
+            with rasterio.open(out_dir / f"{date}.tif", "w", **prof) as dst:
+                dst.write(arr)
+                dst.descriptions = src.descriptions
+    (out_dir / "label.tif").symlink_to((case_dir / "label.tif").resolve())
+    meta = json.loads((case_dir / "meta.json").read_text())
+    if name == "coarser":
+        meta["gsd_m"] = 2 * float(meta["gsd_m"])
+    (out_dir / "meta.json").write_text(json.dumps(meta))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", type=Path, default=DEFAULT_CASES)
+    ap.add_argument("--only", help="comma-separated datasets")
+    ap.add_argument("--perturb", default=",".join([*PERTURBATIONS, "coarser"]))
+    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "robustness.json")
+    args = ap.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else None
+    names = ["none", *[p for p in args.perturb.split(",") if p]]
+    unknown = set(names) - {"none", "coarser", *PERTURBATIONS}
+    if unknown:
+        print(f"unknown perturbation(s) {sorted(unknown)}", file=sys.stderr)
+        return 2
+    dirs = iter_case_dirs(args.cases, only)
+    if not dirs:
+        print(f"no cases under {args.cases}", file=sys.stderr)
+        return 2
+    folds = fold_models(args.cases, protocols=("cases",))["cases"]
+    acc: dict[str, dict[str, dict[str, float]]] = {n: {} for n in names}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tuban-rob-") as tmp:
+        for d in dirs:
+            key = f"{d.parent.name}/{d.name}"
+            with rasterio.open(d / "label.tif") as src:
+                label = src.read(1)
+            line = f"{key:<32}"
+            for n in names:
+                case_dir = d
+                if n != "none":
+                    case_dir = Path(tmp) / n / d.parent.name / d.name
+                    write_perturbed(d, case_dir, n)
+                pred = run_compare(case_dir, Path(tmp) / "out" / n, folds[key])
+                c = counts(pred, label)
+                _add(acc[n].setdefault(d.parent.name, {}), c)
+                line += f" | {n} {scores(c)['f1']:.3f}"
+            print(line, flush=True)
+    tables = {}
+    for n in names:
+        rows = {ds: scores(c) for ds, c in acc[n].items()}
+        rows["macro"] = macro(rows)
+        tables[n] = rows
+    base = tables["none"]
+    print("\nheld out (case split) F1 / precision, and F1 change against the images as they are")
+    print(f"{'':<12}" + "".join(f"{ds:>22}" for ds in base))
+    for n in names:
+        cells = "".join(
+            f"{t['f1']:>8.3f} {t['precision']:>5.3f} {t['f1'] - base[ds]['f1']:>+7.3f}"
+            for ds, t in tables[n].items())
+        print(f"{n:<12}{cells}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"cases": str(args.cases), "protocol": "cases",
+                                     "seconds": time.perf_counter() - t0, "tables": tables},
+                                    indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
