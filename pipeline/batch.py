@@ -70,9 +70,10 @@ class BlockResult:
 @lru_cache(maxsize=4)
 def _detector(method: str, roles: tuple[str, ...], res: float, network: bool = True,
               stretch: tuple[tuple[tuple[float, float], ...], ...] = (),
-              medians: tuple[tuple[str, float], ...] = ()) -> Any:
+              medians: tuple[tuple[str, float], ...] = (),
+              threshold: float | None = None) -> Any:
     st = tuple(np.asarray(x, np.float32) for x in stretch) if stretch else None
-    return get_detector(method, roles, res, network=network, stretch=st,
+    return get_detector(method, roles, res, threshold=threshold, network=network, stretch=st,
                         medians=dict(medians) or None)
 
 
@@ -80,7 +81,7 @@ def _job_detector(job: BlockJob) -> Any:
     """The detector of a block job, with the scene's statistics from the alignment."""
     return _detector(job.detection.method, job.params.roles, job.grid.res,
                      job.detection.building_network, _stretch(job.params),
-                     job.params.feature_medians)
+                     job.params.feature_medians, job.detection.threshold)
 
 
 def _stretch(params: align.AlignParams) -> tuple[tuple[tuple[float, float], ...], ...]:

@@ -73,7 +73,9 @@ class DetectionConfig(_Model):
     """Detector choice and thresholds. Defaults are chosen from resolution and bands."""
 
     method: Literal["auto", "spectral", "cva", "learned"] = "auto"
-    threshold: float | None = Field(default=None, gt=0)  # on the robust change score
+    #: the spectral detector's decision threshold in noise units (default 3); "spectral" and
+    #: "cva", or "auto" where it picks the spectral detector (run.json: detector.threshold)
+    threshold: float | None = Field(default=None, gt=0)
     coregister: bool = True
     max_shift_px: float = Field(default=8.0, gt=0)
     normalize: bool = True

@@ -338,6 +338,23 @@ def test_killed_run_leaves_no_output_and_reruns(tmp_path: Path) -> None:
     assert not list(runs.glob(".k.work-*")) and not list(runs.glob("k.partial-*"))
 
 
+def test_compare_config_threshold_reaches_the_spectral_detector(tmp_path: Path) -> None:
+    """``detection.threshold`` was accepted and ignored; it now sets the spectral detector's
+    threshold, and run.json says which one decided."""
+    b, a = SAMPLE / "2024-03" / "scene.tif", SAMPLE / "2024-06" / "scene.tif"
+    bands = "blue=1,green=2,red=3,nir=4"
+    n, det = {}, {}
+    for name, text in (("plain", "detection: {}\n"), ("strict", "detection: {threshold: 8}\n")):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(text)
+        res = tuban("compare", b, a, "-o", tmp_path / name, "--bands", bands, "--config", cfg)
+        assert res.returncode == 0, res.stderr
+        n[name] = len(json.loads((tmp_path / name / "patches.geojson").read_text())["features"])
+        det[name] = json.loads((tmp_path / name / "run.json").read_text())["detector"]
+    assert det["plain"]["threshold"] == 3.0 and det["strict"]["threshold"] == 8.0
+    assert 0 < n["strict"] < n["plain"]
+
+
 def test_compare_config_may_hold_only_detection(tmp_path: Path) -> None:
     """The two images give the grid and periods: a compare config needs nothing else."""
     b, a = SAMPLE / "2024-03" / "scene.tif", SAMPLE / "2024-06" / "scene.tif"

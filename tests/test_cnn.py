@@ -173,4 +173,5 @@ def test_run_record_names_the_models_used() -> None:
     assert "cnn_rgb_1m.onnx" not in describe(get_detector("auto", RGB, 30.0), RGB, 30.0)["models"]
     rgbn = ("blue", "green", "red", "nir")
     assert describe(get_detector("auto", rgbn, 1.0), rgbn, 1.0) == {"name": "spectral",
-                                                                    "models": {}}
+                                                                    "models": {},
+                                                                    "threshold": 3.0}

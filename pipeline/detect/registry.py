@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .base import ChangeDetector
-from .spectral import EVIDENCE_KEYS, SpectralDetector
+from .spectral import EVIDENCE_KEYS, THRESHOLD, SpectralDetector
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +141,12 @@ def scene_samples(det: ChangeDetector, before: np.ndarray, after: np.ndarray,
 
 def describe(det: ChangeDetector, roles: Sequence[str], res_m: float) -> dict[str, object]:
     """What made the decisions, for ``run.json``: the detector's name and the model files it
-    uses on these bands and pixel size, each with the first 16 hex digits of its SHA-256."""
+    uses on these bands and pixel size, each with the first 16 hex digits of its SHA-256 (the
+    spectral detector: its threshold in noise units)."""
     files = getattr(_inner(det), "model_files", None)
     if not callable(files):
-        return {"name": "spectral", "models": {}}
+        return {"name": "spectral", "models": {},
+                "threshold": float(getattr(det, "threshold", THRESHOLD))}
     return {"name": "learned",
             "models": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16]
                        for p in files(roles, res_m)}}
