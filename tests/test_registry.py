@@ -7,7 +7,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from pipeline.detect.registry import get_detector
+from pipeline.detect.registry import get_detector, open_ground_change
 from pipeline.detect.spectral import SpectralDetector
 from pipeline.errors import ConfigError
 
@@ -76,3 +76,20 @@ def test_model_dir_env_without_models_falls_back(tmp_path, monkeypatch) -> None:
     assert isinstance(get_detector("auto", RGB, 1.0), SpectralDetector)
     with pytest.raises(ConfigError, match="no model"):
         get_detector("learned", RGB, 1.0)
+
+
+@needs_lgb
+def test_learned_on_sub_metre_rgb_nir_keeps_spectral_change_on_open_ground() -> None:
+    assert isinstance(get_detector("auto", RGBN, 1.0), SpectralDetector)
+    assert get_detector("learned", RGBN, 1.0).open_ground
+    assert not get_detector("learned", RGBN, 10.0).open_ground  # as "auto" there
+    assert not get_detector("learned", RGB, 1.0).open_ground  # no NIR evidence
+
+
+def test_open_ground_change_drops_illumination_only() -> None:
+    spectral = {"change": np.full(4, 0.9, np.float32),
+                "shape_score": np.array([1.0, 5.0, 1.0, np.nan]),  # NaN: not evaluated
+                "ratio_spread": np.array([0.1, 0.1, 0.1, np.nan]),
+                "bright_before": np.array([0.2, 0.2, 0.2, 0.2]),
+                "bright_after": np.array([0.1, 0.1, 0.05, 0.1])}  # 0.05: darker than 3x
+    assert open_ground_change(spectral).tolist() == pytest.approx([0.0, 0.9, 0.9, 0.9])

@@ -10,8 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from ..classify import ILLUM_MAX_LOG_RATIO, ILLUM_SHAPE, ILLUM_SPREAD
 from ..errors import ConfigError
 from .base import ChangeDetector
+from .learned import RGB_FOR_NIR_MIN_RES_M
 from .spectral import EVIDENCE_KEYS, THRESHOLD, SpectralDetector
 
 log = logging.getLogger(__name__)
@@ -22,11 +24,13 @@ DETECTORS: tuple[str, ...] = ("auto", "spectral", "cva", "learned")
 
 def _learned(roles: tuple[str, ...], res_m: float, exact: bool, network: bool = True,
              stretch: tuple[np.ndarray, np.ndarray] | None = None,
-             medians: Mapping[str, float] | None = None) -> ChangeDetector | None:
+             medians: Mapping[str, float] | None = None,
+             open_ground: bool = False) -> ChangeDetector | None:
     """The learned detector for these bands, or None when it or its model is unavailable.
 
     ``exact``: only a model trained for exactly this band set and pixel size (``auto``); else an
-    RGB model may serve RGB+NIR imagery (``learned``).
+    RGB model may serve RGB+NIR imagery (``learned``). ``open_ground``: see
+    :class:`_WithEvidence`.
     """
     try:
         mod: Any = importlib.import_module("pipeline.detect.learned")
@@ -53,7 +57,7 @@ def _learned(roles: tuple[str, ...], res_m: float, exact: bool, network: bool = 
     except Exception as err:  # noqa: BLE001 - e.g. lightgbm missing, model/feature mismatch
         log.warning("learned detector unusable for bands %s (%s); using spectral", roles, err)
         return None
-    return _WithEvidence(det, res_m)
+    return _WithEvidence(det, res_m, open_ground=open_ground)
 
 
 class _WithEvidence:
@@ -64,25 +68,48 @@ class _WithEvidence:
     (``shape_score``, ``ratio_spread``) is not passed on: a learned model was trained on
     illumination differences and judges them itself, while the spectral veto would discard
     real change that brightens every band alike (new roofs on bare ground, storm debris).
+
+    ``open_ground`` (sub-metre RGB+NIR imagery under the RGB model): the spectral detector's
+    change is ``change_any``, which classify reads inside forest, farmland and ecological land
+    only (:func:`pipeline.classify.zoned_change`). There its NIR evidence finds tomb clearings
+    and soil on farmland, which the RGB model, trained on buildings, passes over (and its pixel
+    model, on whole parcels, merges with harvests); elsewhere the RGB model and its network
+    decide, as on RGB imagery.
     """
 
     #: spectral layers that would let classify veto the wrapped detector's decisions
     NOT_PASSED: tuple[str, ...] = ("shape_score", "ratio_spread")
 
-    def __init__(self, det: ChangeDetector, res_m: float) -> None:
+    def __init__(self, det: ChangeDetector, res_m: float, *,
+                 open_ground: bool = False) -> None:
         self.det = det
         self.spectral = SpectralDetector(res_m)
+        self.open_ground = open_ground
         #: context pixels each side: the larger of the two detectors'
         self.halo = max(int(det.halo), self.spectral.halo)
 
     def __call__(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
                  roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
         out = dict(self.det(before, after, valid, roles, res_m))
-        if any(k not in out for k in EVIDENCE_KEYS):
+        if self.open_ground or any(k not in out for k in EVIDENCE_KEYS):
             extra = self.spectral(before, after, valid, roles, res_m)
+            if self.open_ground:
+                out["change_any"] = open_ground_change(extra)
             out.update({k: v for k, v in extra.items()
                         if k not in out and k not in self.NOT_PASSED})
         return out
+
+
+def open_ground_change(spectral: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The spectral detector's ``change`` less where it is illumination alone: classify's
+    object test (:func:`pipeline.classify._illumination`) pixel by pixel, since its layers
+    are not passed on (they would veto the RGB model's decisions too)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.abs(np.log(np.maximum(spectral["bright_after"], 1e-3)
+                              / np.maximum(spectral["bright_before"], 1e-3)))
+        illum = ((spectral["shape_score"] < ILLUM_SHAPE)
+                 & (spectral["ratio_spread"] < ILLUM_SPREAD) & (ratio < ILLUM_MAX_LOG_RATIO))
+    return np.where(illum, np.float32(0), spectral["change"]).astype(np.float32, copy=False)
 
 
 def get_detector(name: str, roles: Sequence[str], res_m: float, *,
@@ -97,21 +124,27 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
     ``learned.RGB_FOR_NIR_MIN_RES_M`` = 5 m up), else the spectral one. So 1 m RGB+NIR imagery
     gets the spectral detector, whose NIR evidence finds small vegetation clearings the RGB
     model misses, and Sentinel-2 / Landsat the RGB model. ``"learned"`` lets the RGB model
-    serve RGB+NIR imagery at any pixel size. ``threshold`` (noise units) applies to the
-    spectral detector; ``network`` lets the learned detector add its change network
-    (:mod:`pipeline.detect.cnn`) where one covers the pixel size; ``stretch`` (the scene's
-    2/98 % percentiles per band of ``roles``, ``(bands, 2)`` per date) makes the learned
-    detector's result independent of the block, as do ``medians`` (the scene medians of its
-    ``*_rel`` features' bases, see :func:`scene_samples`). Unknown names raise
-    :class:`~pipeline.errors.ConfigError`.
+    serve RGB+NIR imagery at any pixel size; below 5 m the spectral detector still decides
+    inside forest, farmland and ecological land (``open_ground``, see :class:`_WithEvidence`).
+
+    ``threshold`` (noise units) applies to the spectral detector; ``network`` lets the learned
+    detector add its change network (:mod:`pipeline.detect.cnn`) where one covers the pixel
+    size; ``stretch`` (the scene's 2/98 % percentiles per band of ``roles``, ``(bands, 2)`` per
+    date) makes the learned detector's result independent of the block, as do ``medians`` (the
+    scene medians of its ``*_rel`` features' bases, see :func:`scene_samples`). Unknown names
+    raise :class:`~pipeline.errors.ConfigError`.
     """
     roles = tuple(roles)
     key = name.strip().lower()
     if key not in DETECTORS:
         raise ConfigError(f"unknown detection method {name!r}; use one of {', '.join(DETECTORS)}")
     if key in ("auto", "learned"):
+        # "learned" on sub-metre RGB+NIR: the RGB model decides, the spectral detector's NIR
+        # evidence inside forest, farmland and ecological land (see _WithEvidence)
+        open_ground = (key == "learned" and "nir" in roles
+                       and res_m < RGB_FOR_NIR_MIN_RES_M)
         det = _learned(roles, res_m, exact=key == "auto", network=network, stretch=stretch,
-                       medians=medians)
+                       medians=medians, open_ground=open_ground)
         if det is not None:
             return det
         if key == "learned":
