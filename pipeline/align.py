@@ -465,8 +465,14 @@ def read_aligned_block(before: ImageSource, after: ImageSource, grid: Grid, wind
     if cloud_mask:
         d = _dilate_px(grid.res)
         valid &= ~cloud_shadow_mask(a, roles, res_m=grid.res, other=b, dilate_px=d)
-        # the after date's cloud by its brightness as acquired, against the before date in
-        # its radiometry: a gain of 2 (a flat, hazy after date) lifts roofs to cloud level
-        a_as_b = a if not params.gain else apply_radiometry(a, 1 / gain, -offset / gain)
-        valid &= ~cloud_shadow_mask(b_raw, roles, res_m=grid.res, other=a_as_b, dilate_px=d)
+        after = cloud_shadow_mask(b, roles, res_m=grid.res, other=a, dilate_px=d)
+        if params.gain and after.any():
+            # and as acquired (against the before date in its radiometry): a gain of 2 on a
+            # flat, hazy after date lifts roofs to cloud level, while per-band gains on 8-bit
+            # renderings can make new bare ground as acquired look like cloud; a cloud is
+            # one either way
+            a_as_b = apply_radiometry(a, 1 / gain, -offset / gain)
+            after &= cloud_shadow_mask(b_raw, roles, res_m=grid.res, other=a_as_b,
+                                       dilate_px=d)
+        valid &= ~after
     return a, b, valid

@@ -220,6 +220,30 @@ def test_read_aligned_block_judges_cloud_by_the_after_date_as_acquired(make_rast
     assert not valid[100:130, 100:130].any()
 
 
+def test_read_aligned_block_masks_after_cloud_only_when_cloud_both_ways(make_raster,
+                                                                         texture) -> None:
+    # new bare ground on an 8-bit rendering: flat and bright as acquired, but the per-band
+    # gains (NIR 0.65) show it as ground, NIR well below the visible (Landsat Taizhou: 1.5 km²
+    # of labelled change masked as cloud)
+    clear = _scene(texture, (200, 200), seed=30)
+    ground = clear.copy()
+    ground[:, 100:130, 100:130] = np.array([0.45, 0.44, 0.45, 0.42], "float32")[:, None, None]
+    to_dn = lambda a: (a * 10_000).astype("uint16")  # noqa: E731
+    pb = make_raster("b.tif", to_dn(clear), descriptions=BGRN, res=10.0)
+    pa = make_raster("a.tif", to_dn(ground), descriptions=BGRN, res=10.0)
+    b_src, a_src = open_image(pb), open_image(pa)
+    grid = Grid.from_bounds(b_src.bounds, 10.0, b_src.crs)
+    params = AlignParams(roles=BGRN, gain=(1.0, 1.0, 1.0, 0.65), offset=(0.0,) * 4)
+    _, _, valid = read_aligned_block(b_src, a_src, grid, Window(0, 0, 200, 200), params)
+    assert valid[100:130, 100:130].all()
+    cloud = ground.copy()
+    cloud[:, 100:130, 100:130] = np.array([0.6, 0.6, 0.6, 0.72], "float32")[:, None, None]
+    pc = make_raster("c.tif", to_dn(cloud), descriptions=BGRN, res=10.0)
+    _, _, valid = read_aligned_block(b_src, open_image(pc), grid, Window(0, 0, 200, 200),
+                                     params)
+    assert not valid[100:130, 100:130].any()
+
+
 # -------------------------------------------------------------------------------- real data
 
 
