@@ -12,7 +12,9 @@ changed the way another sensor or acquisition would change them, the label left 
 - ``shift_after``: the after date moved by (1.5, -1.0) pixels (co-registration);
 - ``blur_after``: the after date blurred by a Gaussian of 0.8 px (another optic);
 - ``noise_both``: Gaussian noise of 1 % of full scale on both dates;
-- ``coarser``: both dates averaged 2×2, e.g. 0.5 m → 1 m (GF-2, Jilin-1) and 10 m → 20 m.
+- ``coarser``: both dates averaged 2×2, e.g. 0.5 m → 1 m (GF-2, Jilin-1) and 10 m → 20 m;
+- ``finer``: both dates resampled bilinearly to half the pixel size, e.g. 0.5 m → 0.25 m
+  (aerial imagery; no new detail, but every size in pixels doubles).
 
 It prints per dataset F1 and precision for the images as they are and for each change, and the
 change in F1. Run it under the CPU lock after ``bench/accuracy.py`` has trained the fold models::
@@ -95,10 +97,18 @@ PERTURBATIONS: dict[str, Perturb] = {
 }
 
 
+def _finer(src: rasterio.DatasetReader, x: np.ndarray) -> tuple[np.ndarray, Affine]:
+    y = ndi.zoom(x, (1, 2, 2), order=1, mode="nearest", grid_mode=True)
+    return y, src.transform * Affine.scale(0.5)
+
+
 def _coarser(src: rasterio.DatasetReader, x: np.ndarray) -> tuple[np.ndarray, Affine]:
     h, w = (x.shape[1] // 2) * 2, (x.shape[2] // 2) * 2
     y = x[:, :h, :w].reshape(len(x), h // 2, 2, w // 2, 2).mean(axis=(2, 4))
     return y, src.transform * Affine.scale(2)
+
+
+RESAMPLE = {"coarser": _coarser, "finer": _finer}
 
 
 def write_perturbed(case_dir: Path, out_dir: Path, name: str) -> None:
@@ -113,9 +123,10 @@ def write_perturbed(case_dir: Path, out_dir: Path, name: str) -> None:
             x = raw.astype(np.float32) / scale
             nodata = (raw == src.nodata).all(0) if src.nodata is not None else None
             tr = src.transform
-            if name == "coarser":
-                x, tr = _coarser(src, x)
-                nodata = None if nodata is None else _coarser(src, nodata[None] * 1.0)[0][0] > 0
+            if name in RESAMPLE:
+                x, tr = RESAMPLE[name](src, x)
+                if nodata is not None:
+                    nodata = RESAMPLE[name](src, nodata[None] * 1.0)[0][0] > 0
             else:
                 y = PERTURBATIONS[name](x, date)
                 x = x if y is None else y
@@ -134,8 +145,8 @@ def write_perturbed(case_dir: Path, out_dir: Path, name: str) -> None:
                 dst.descriptions = src.descriptions
     (out_dir / "label.tif").symlink_to((case_dir / "label.tif").resolve())
     meta = json.loads((case_dir / "meta.json").read_text())
-    if name == "coarser":
-        meta["gsd_m"] = 2 * float(meta["gsd_m"])
+    if name in RESAMPLE:
+        meta["gsd_m"] = float(meta["gsd_m"]) * (2.0 if name == "coarser" else 0.5)
     (out_dir / "meta.json").write_text(json.dumps(meta))
 
 
@@ -143,12 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=Path, default=DEFAULT_CASES)
     ap.add_argument("--only", help="comma-separated datasets")
-    ap.add_argument("--perturb", default=",".join([*PERTURBATIONS, "coarser"]))
+    ap.add_argument("--perturb", default=",".join([*PERTURBATIONS, *RESAMPLE]))
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "robustness.json")
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     names = ["none", *[p for p in args.perturb.split(",") if p]]
-    unknown = set(names) - {"none", "coarser", *PERTURBATIONS}
+    unknown = set(names) - {"none", *RESAMPLE, *PERTURBATIONS}
     if unknown:
         print(f"unknown perturbation(s) {sorted(unknown)}", file=sys.stderr)
         return 2
