@@ -94,6 +94,16 @@ def model_paths(kind: str, model_dir: Path | None = None) -> tuple[Path, Path]:
 
 
 
+def default_threads() -> int:
+    """Threads for LightGBM and the network: ``OMP_NUM_THREADS`` where set (1 on tuban's block
+    workers, whose pool is the parallelism: two workers of two threads each on two cores were
+    1.13x slower on a 4000² RGB pair), else 2."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return 2
+
+
 #: ``method: auto`` on RGB+NIR imagery without an RGB+NIR model: the RGB model (NIR ignored)
 #: from this pixel size up, the spectral detector below it. Measured: OSCD (Sentinel-2, 10 m,
 #: RGB+NIR) pixel F1 0.13 with the spectral detector vs 0.49 held out with the RGB model, while
@@ -266,7 +276,7 @@ class LearnedDetector:
         medians: optional scene medians of the ``*_rel`` features' bases
             (:func:`pipeline.detect.features.scene_medians`, from :meth:`median_samples` of
             sample windows); default: per block.
-        threads: LightGBM prediction threads.
+        threads: LightGBM and network threads; default :func:`default_threads`.
         model_dir: where the models are (default: :func:`resolve_model_dir`, i.e.
             ``$TUBAN_MODEL_DIR`` or the shipped :data:`MODEL_DIR`).
         exact: use only a model for these bands and pixel size (RGB+NIR imagery: the RGB model
@@ -281,10 +291,11 @@ class LearnedDetector:
 
     def __init__(self, roles: Sequence[str] | None = None, res_m: float | None = None, *,
                  stretch: tuple[np.ndarray, np.ndarray] | None = None,
-                 medians: Mapping[str, float] | None = None, threads: int = 2,
+                 medians: Mapping[str, float] | None = None, threads: int | None = None,
                  model_dir: Path | None = None, exact: bool = False,
                  objects: bool = True, network: bool = True) -> None:
         model_dir = resolve_model_dir(model_dir)
+        threads = threads or default_threads()
         r = 0.1 if res_m is None else float(res_m)
         #: context pixels each side: the feature neighbourhoods plus object context for classify
         self.halo = max(F.halo_px(r), min(MAX_CONTEXT_PX, math.ceil(CONTEXT_M / r)))
