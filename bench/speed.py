@@ -8,6 +8,8 @@ generator itself runs in bounded memory. For each size it times, in one run:
 (b) ``tuban compare`` with the default configuration (and with ``method: spectral`` when the
     default picks another detector);
 (c) ``otbcli_MultivariateAlterationDetector`` when OTB is installed (``apt-get install otb-bin``);
+(d) with ``--rgb``, ``tuban compare`` on the smallest pair's RGB bands only: the learned
+    detector and building network, what sub-metre RGB imagery gets;
 
 and reports wall time, throughput (Mpx/s of one date), peak memory (RSS and PSS summed over
 the process tree, sampled with psutil every 50 ms; PSS counts pages shared by forked workers
@@ -17,7 +19,7 @@ scene with ~100,000 small changes times vectorize, track and export at scale, an
 compares one and two local Dask workers on the 8000² pair, beside what this machine gives
 for two copies of the same work at once (its parallel ceiling).
 
-    .venv/bin/python bench/speed.py --sizes 4000 8000 16000 [--many] [--dask] [--no-otb]
+    .venv/bin/python bench/speed.py --sizes 4000 8000 16000 [--many] [--dask] [--rgb] [--no-otb]
 
 Prints a table and writes ``bench/out/speed.json``.
 """
@@ -303,11 +305,17 @@ def machine_scaling(before: Path, after: Path) -> dict[str, Any]:
     return out
 
 
+#: the generated pairs' visible bands, for the RGB-only run (``--rgb``)
+RGB_BANDS = "red=3,green=2,blue=1"
+
+
 def tuban_compare(before: Path, after: Path, *, config: Path | None = None,
                   workers: int | None = None, scheduler: str | None = None,
-                  sample: bool = True) -> dict[str, Any]:
+                  bands: str | None = None, sample: bool = True) -> dict[str, Any]:
     out = Path(tempfile.mkdtemp(prefix="tuban-bench-")) / "out"
     cmd = [str(TUBAN), "compare", str(before), str(after), "-o", str(out)]
+    if bands is not None:
+        cmd += ["--bands", bands]
     if config is not None:
         cmd += ["--config", str(config)]
     if workers:
@@ -398,6 +406,8 @@ def _bench_size(size: int, args: argparse.Namespace, detector: str,
         r["tuban_spectral"] = _timed(tuban_compare, before, after, config=spectral_cfg)
     if not args.no_otb and shutil.which("otbcli_MultivariateAlterationDetector"):
         r["otb"] = _timed(otb_mad, before, after)
+    if args.rgb and size == min(args.sizes):
+        r["tuban_rgb"] = _timed(tuban_compare, before, after, bands=RGB_BANDS)
     return r
 
 
@@ -413,7 +423,7 @@ def _timed(fn: Any, *args: Any, **kw: Any) -> dict[str, Any]:
 
 def _rows(size: int, r: dict[str, Any]) -> list[dict]:
     rows = []
-    for label in ("floor", "tuban", "tuban_spectral", "otb"):
+    for label in ("floor", "tuban", "tuban_spectral", "tuban_rgb", "otb"):
         x = r.get(label)
         if not x:
             continue
@@ -435,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-otb", action="store_true", help="skip OTB even when installed")
     ap.add_argument("--no-spectral", action="store_true",
                     help="skip the extra spectral-only run when the default differs")
+    ap.add_argument("--rgb", action="store_true",
+                    help="also time the smallest pair as RGB only (learned detector and "
+                         "building network, what sub-metre RGB imagery gets)")
     ap.add_argument("--many", action="store_true",
                     help="also time a 4000² scene with ~100,000 small changes")
     ap.add_argument("--dask", action="store_true",

@@ -187,6 +187,11 @@ PRED_EARLY_STOP: dict[str, Any] = {"pred_early_stop": True, "pred_early_stop_fre
                                    "pred_early_stop_margin": 5.0}
 
 
+#: pixels per LightGBM call: the row-major copy of the features it needs is this many rows
+#: (about 50 MB), not the whole block's (a 1300² block held 340 MB more at its peak)
+PRED_CHUNK_PX = 1 << 18
+
+
 def predict_stride(res_m: float) -> int:
     """Pixel stride of the model evaluation: features are smooth over ~3 m, so sub-metre
     imagery is scored on every second pixel and filled in (4x faster, same decisions)."""
@@ -200,9 +205,11 @@ def predict_map(booster: Any, stack: np.ndarray, valid: np.ndarray, res_m: float
     k = predict_stride(res_m)
     sub_valid = valid[::k, ::k]
     sub = np.zeros(sub_valid.shape, np.float32)
-    if sub_valid.any():
-        x = np.ascontiguousarray(stack[:, ::k, ::k][:, sub_valid].T)
-        sub[sub_valid] = booster.predict(x, num_threads=threads, **PRED_EARLY_STOP)
+    rows, cols = np.nonzero(sub_valid)
+    for s in range(0, rows.size, PRED_CHUNK_PX):  # row-major copies of a bounded size
+        r, c = rows[s:s + PRED_CHUNK_PX], cols[s:s + PRED_CHUNK_PX]
+        x = np.ascontiguousarray(stack[:, r * k, c * k].T)
+        sub[r, c] = booster.predict(x, num_threads=threads, **PRED_EARLY_STOP)
     raw = np.repeat(np.repeat(sub, k, 0), k, 1)[:h, :w] if k > 1 else sub
     sub_mask = np.repeat(np.repeat(sub_valid, k, 0), k, 1)[:h, :w] & valid
     return smooth_score(raw, sub_mask, res_m) * valid
