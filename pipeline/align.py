@@ -182,6 +182,11 @@ def apply_radiometry(img: np.ndarray, gain: np.ndarray, offset: np.ndarray) -> n
 # ------------------------------------------------------------------------------ cloud mask
 
 
+#: a cloud is brighter than the other date by at least this much (visible mean): a white roof
+#: of either date is no cloud, and in the RGB renderings it passed for one (OSCD Cupertino)
+CLOUD_BRIGHTER = 0.08
+
+
 def cloud_shadow_mask(img: np.ndarray, roles: tuple[str, ...] | list[str], *,
                       res_m: float | None = None, dilate_px: int = 3,
                       min_cloud_m2: float | None = None, min_shadow_m2: float = 1_000.0,
@@ -203,7 +208,9 @@ def cloud_shadow_mask(img: np.ndarray, roles: tuple[str, ...] | list[str], *,
       the same per pixel, so no cloud in view means no cloud shadow. Given ``other`` (the
       other date on the same grid and bands, radiometrically matched), a shadow must also be
       a temporal darkening: visible mean and NIR below 0.6 × the other date's, which terrain
-      shade, persistent in both dates, is not.
+      shade, persistent in both dates, is not. Likewise a cloud must be a temporal
+      brightening, visible mean above the other date's by :data:`CLOUD_BRIGHTER`: a white roof
+      present on both dates is not.
 
     Areas and distances use ``res_m`` (pixel size in metres; default 1 m). Everything kept is
     dilated by ``dilate_px``. NaN pixels are never flagged. Haze is left to the radiometric
@@ -236,6 +243,7 @@ def cloud_shadow_mask(img: np.ndarray, roles: tuple[str, ...] | list[str], *,
             shadow = (darkest < 0.04) & (b >= 0.9 * r)
         if other is not None:
             vis_o = other[[roles.index(k) for k in VISIBLE]].mean(axis=0)
+            cloud &= vis > vis_o + CLOUD_BRIGHTER
             shadow &= vis < 0.6 * vis_o
             if has_nir:
                 shadow &= n < 0.6 * other[roles.index("nir")]

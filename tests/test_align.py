@@ -176,11 +176,25 @@ def test_shadow_needs_a_cloud_and_a_temporal_darkening(texture) -> None:
     no_cloud[(slice(None), *where["cloud"])] = img[:, 100:140, 100:140]
     assert not cloud_shadow_mask(no_cloud, BGRN, res_m=10.0).any()  # terrain-like shade alone
     # the same dark patch in the other date (persistent shade) is not a cloud shadow
-    m = cloud_shadow_mask(img, BGRN, res_m=10.0, other=img)
+    other = img.copy()
+    other[(slice(None), *where["cloud"])] = img[:, 100:140, 100:140]  # no cloud there
+    m = cloud_shadow_mask(img, BGRN, res_m=10.0, other=other)
     assert m[where["cloud"]].all() and not m[where["shadow"]][5:-5, 5:-5].any()
+    # nor is a bright patch present on both dates (a white roof) a cloud
+    assert not cloud_shadow_mask(img, BGRN, res_m=10.0, other=img).any()
     clear = _scene(texture, (200, 200), seed=30)
     m2 = cloud_shadow_mask(img, BGRN, res_m=10.0, other=clear)
     assert m2[where["shadow"]].all()
+
+
+def test_rgb_cloud_must_be_new_in_its_date(texture) -> None:
+    # an RGB rendering's white roof of 3 ha (OSCD Cupertino) on both dates is no cloud; on
+    # clear ground the day before, the same white blob is one
+    clear = _scene(texture, (200, 200), seed=30)[:3]
+    roof = clear.copy()
+    roof[:, 50:70, 50:65] = 0.9
+    assert not cloud_shadow_mask(roof, BGRN[:3], res_m=10.0, other=roof).any()
+    assert cloud_shadow_mask(roof, BGRN[:3], res_m=10.0, other=clear)[50:70, 50:65].all()
 
 
 def test_read_aligned_block_drops_clouds(make_raster, texture) -> None:
