@@ -74,7 +74,7 @@ class DetectionConfig(_Model):
 
     method: Literal["auto", "spectral", "cva", "learned"] = "auto"
     #: the spectral detector's decision threshold in noise units (default 3); "spectral" and
-    #: "cva", or "auto" where it picks the spectral detector (run.json: detector.threshold)
+    #: "cva", "auto" where it picks it, "learned" on open ground (run.json: detector)
     threshold: float | None = Field(default=None, gt=0)
     coregister: bool = True
     max_shift_px: float = Field(default=8.0, gt=0)

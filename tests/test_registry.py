@@ -7,7 +7,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from pipeline.detect.registry import get_detector, open_ground_change
+from pipeline.detect.registry import describe, get_detector, open_ground_change
 from pipeline.detect.spectral import SpectralDetector
 from pipeline.errors import ConfigError
 
@@ -81,7 +81,9 @@ def test_model_dir_env_without_models_falls_back(tmp_path, monkeypatch) -> None:
 @needs_lgb
 def test_learned_on_sub_metre_rgb_nir_keeps_spectral_change_on_open_ground() -> None:
     assert isinstance(get_detector("auto", RGBN, 1.0), SpectralDetector)
-    assert get_detector("learned", RGBN, 1.0).open_ground
+    det = get_detector("learned", RGBN, 1.0, threshold=4.0)
+    assert det.open_ground and det.spectral.threshold == 4.0
+    assert describe(det, RGBN, 1.0)["open_ground"] == {"name": "spectral", "threshold": 4.0}
     assert not get_detector("learned", RGBN, 10.0).open_ground  # as "auto" there
     assert not get_detector("learned", RGB, 1.0).open_ground  # no NIR evidence
 

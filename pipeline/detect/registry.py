@@ -25,12 +25,13 @@ DETECTORS: tuple[str, ...] = ("auto", "spectral", "cva", "learned")
 def _learned(roles: tuple[str, ...], res_m: float, exact: bool, network: bool = True,
              stretch: tuple[np.ndarray, np.ndarray] | None = None,
              medians: Mapping[str, float] | None = None,
-             open_ground: bool = False) -> ChangeDetector | None:
+             open_ground: bool = False, threshold: float | None = None,
+             ) -> ChangeDetector | None:
     """The learned detector for these bands, or None when it or its model is unavailable.
 
     ``exact``: only a model trained for exactly this band set and pixel size (``auto``); else an
-    RGB model may serve RGB+NIR imagery (``learned``). ``open_ground``: see
-    :class:`_WithEvidence`.
+    RGB model may serve RGB+NIR imagery (``learned``). ``open_ground`` and ``threshold`` (of
+    the spectral detector there): see :class:`_WithEvidence`.
     """
     try:
         mod: Any = importlib.import_module("pipeline.detect.learned")
@@ -57,7 +58,7 @@ def _learned(roles: tuple[str, ...], res_m: float, exact: bool, network: bool = 
     except Exception as err:  # noqa: BLE001 - e.g. lightgbm missing, model/feature mismatch
         log.warning("learned detector unusable for bands %s (%s); using spectral", roles, err)
         return None
-    return _WithEvidence(det, res_m, open_ground=open_ground)
+    return _WithEvidence(det, res_m, open_ground=open_ground, threshold=threshold)
 
 
 class _WithEvidence:
@@ -81,9 +82,9 @@ class _WithEvidence:
     NOT_PASSED: tuple[str, ...] = ("shape_score", "ratio_spread")
 
     def __init__(self, det: ChangeDetector, res_m: float, *,
-                 open_ground: bool = False) -> None:
+                 open_ground: bool = False, threshold: float | None = None) -> None:
         self.det = det
-        self.spectral = SpectralDetector(res_m)
+        self.spectral = SpectralDetector(res_m, threshold=threshold)
         self.open_ground = open_ground
         #: context pixels each side: the larger of the two detectors'
         self.halo = max(int(det.halo), self.spectral.halo)
@@ -144,7 +145,7 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
         open_ground = (key == "learned" and "nir" in roles
                        and res_m < RGB_FOR_NIR_MIN_RES_M)
         det = _learned(roles, res_m, exact=key == "auto", network=network, stretch=stretch,
-                       medians=medians, open_ground=open_ground)
+                       medians=medians, open_ground=open_ground, threshold=threshold)
         if det is not None:
             return det
         if key == "learned":
@@ -175,11 +176,16 @@ def scene_samples(det: ChangeDetector, before: np.ndarray, after: np.ndarray,
 def describe(det: ChangeDetector, roles: Sequence[str], res_m: float) -> dict[str, object]:
     """What made the decisions, for ``run.json``: the detector's name and the model files it
     uses on these bands and pixel size, each with the first 16 hex digits of its SHA-256 (the
-    spectral detector: its threshold in noise units)."""
+    spectral detector: its threshold in noise units; ``open_ground``: the spectral detector
+    that decides inside forest, farmland and ecological land, see :class:`_WithEvidence`)."""
     files = getattr(_inner(det), "model_files", None)
     if not callable(files):
         return {"name": "spectral", "models": {},
                 "threshold": float(getattr(det, "threshold", THRESHOLD))}
-    return {"name": "learned",
-            "models": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-                       for p in files(roles, res_m)}}
+    out: dict[str, object] = {
+        "name": "learned",
+        "models": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+                   for p in files(roles, res_m)}}
+    if getattr(det, "open_ground", False):  # the spectral detector decides on open ground
+        out["open_ground"] = {"name": "spectral", "threshold": det.spectral.threshold}
+    return out
