@@ -81,6 +81,9 @@ def test_model_dir_env_without_models_falls_back(tmp_path, monkeypatch) -> None:
 @needs_lgb
 def test_learned_on_sub_metre_rgb_nir_keeps_spectral_change_on_open_ground() -> None:
     assert isinstance(get_detector("auto", RGBN, 1.0), SpectralDetector)
+    # from 2 m up the RGB model (PlanetScope's 3 m went to the spectral detector until then)
+    assert _is_learned(get_detector("auto", RGBN, 3.0))
+    assert isinstance(get_detector("auto", RGBN, 1.9), SpectralDetector)
     det = get_detector("learned", RGBN, 1.0, threshold=4.0)
     assert det.open_ground and det.spectral.threshold == 4.0
     assert describe(det, RGBN, 1.0)["open_ground"] == {"name": "spectral", "threshold": 4.0}

@@ -122,10 +122,10 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
     ``"auto"`` chooses by bands and pixel size only: the learned detector when
     :mod:`pipeline.detect.learned` ships a model for them (RGB imagery: the RGB model; RGB+NIR:
     an RGB+NIR model for that pixel size, else the RGB model from
-    ``learned.RGB_FOR_NIR_MIN_RES_M`` = 5 m up), else the spectral one. So 1 m RGB+NIR imagery
+    ``learned.RGB_FOR_NIR_MIN_RES_M`` = 2 m up), else the spectral one. So 1 m RGB+NIR imagery
     gets the spectral detector, whose NIR evidence finds small vegetation clearings the RGB
     model misses, and Sentinel-2 / Landsat the RGB model. ``"learned"`` lets the RGB model
-    serve RGB+NIR imagery at any pixel size; below 5 m the spectral detector still decides
+    serve RGB+NIR imagery at any pixel size; below 2 m the spectral detector still decides
     inside forest, farmland and ecological land (``open_ground``, see :class:`_WithEvidence`).
 
     ``threshold`` (noise units) applies to the spectral detector; ``network`` lets the learned
