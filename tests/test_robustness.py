@@ -1,0 +1,46 @@
+"""bench/robustness.py: perturbed cases keep their place on the ground, so labels still fit."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from robustness import write_perturbed  # noqa: E402
+
+ROLES = ("blue", "green", "red", "nir")
+
+
+@pytest.fixture()
+def case(make_raster) -> Path:
+    rng = np.random.default_rng(3)
+    img = (rng.random((4, 64, 64)) * 3000 + 500).astype("uint16")
+    for name in ("before", "after"):
+        make_raster(f"oscd/c/{name}.tif", img, descriptions=ROLES, res=10.0, nodata=0)
+    path = make_raster("oscd/c/label.tif", np.zeros((64, 64), "uint8"), res=10.0)
+    (path.parent / "meta.json").write_text(json.dumps({"dataset": "oscd", "gsd_m": 10}))
+    return path.parent
+
+
+@pytest.mark.parametrize(("name", "side", "gsd"), [("coarser", 32, 20.0), ("finer", 128, 5.0),
+                                                   ("tone_after", 64, 10.0)])
+def test_perturbed_case_covers_the_same_ground(case: Path, tmp_path: Path, name: str,
+                                               side: int, gsd: float) -> None:
+    out = tmp_path / name / "oscd" / "c"
+    write_perturbed(case, out, name)
+    for date in ("before", "after"):
+        with rasterio.open(case / f"{date}.tif") as a, rasterio.open(out / f"{date}.tif") as b:
+            assert b.shape == (side, side) and b.res == (gsd, gsd)
+            assert b.bounds == a.bounds and b.crs == a.crs
+            assert b.descriptions == ROLES and b.dtypes == a.dtypes
+            same = np.array_equal(a.read(), b.read()) if side == 64 else None
+        if name == "tone_after":
+            assert same is (date == "before")  # only the after date is retoned
+    assert json.loads((out / "meta.json").read_text())["gsd_m"] == gsd
+    assert (out / "label.tif").resolve() == (case / "label.tif").resolve()
