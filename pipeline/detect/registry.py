@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
 from ..classify import ILLUM_MAX_LOG_RATIO, ILLUM_SHAPE, ILLUM_SPREAD
 from ..errors import ConfigError
+from . import learned as L
 from .base import ChangeDetector
-from .learned import RGB_FOR_NIR_MIN_RES_M
 from .spectral import EVIDENCE_KEYS, THRESHOLD, SpectralDetector
 
 log = logging.getLogger(__name__)
@@ -34,23 +32,12 @@ def _learned(roles: tuple[str, ...], res_m: float, exact: bool, network: bool = 
     the spectral detector there): see :class:`_WithEvidence`.
     """
     try:
-        mod: Any = importlib.import_module("pipeline.detect.learned")
-    except Exception as err:  # noqa: BLE001 - any import failure means "not available"
-        log.debug("learned detector unavailable: %s", err)
-        return None
-    try:
-        has = getattr(mod, "has_model", None)
-        if callable(has) and not has(roles, res_m, exact=exact):
+        if not L.has_model(roles, res_m, exact=exact):
             return None
-        factory = getattr(mod, "load_detector", None) or getattr(mod, "LearnedDetector", None)
-        if factory is None:
-            return None
-        det = factory(roles=roles, res_m=res_m, exact=exact, network=network,
-                      stretch=stretch, medians=medians)
+        det = L.LearnedDetector(roles=roles, res_m=res_m, exact=exact, network=network,
+                                stretch=stretch, medians=medians)
     except Exception as err:  # noqa: BLE001 - missing/invalid model: fall back
         log.info("learned detector has no usable model for bands %s: %s", roles, err)
-        return None
-    if det is None or not callable(det) or not hasattr(det, "halo"):
         return None
     try:  # smoke test: the model loads and runs on these bands
         z = np.zeros((len(roles), 16, 16), np.float32)
@@ -143,7 +130,7 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
         # "learned" on sub-metre RGB+NIR: the RGB model decides, the spectral detector's NIR
         # evidence inside forest, farmland and ecological land (see _WithEvidence)
         open_ground = (key == "learned" and "nir" in roles
-                       and res_m < RGB_FOR_NIR_MIN_RES_M)
+                       and res_m < L.RGB_FOR_NIR_MIN_RES_M)
         det = _learned(roles, res_m, exact=key == "auto", network=network, stretch=stretch,
                        medians=medians, open_ground=open_ground, threshold=threshold)
         if det is not None:
