@@ -115,6 +115,7 @@ def write_perturbed(case_dir: Path, out_dir: Path, name: str) -> None:
     """Write ``before.tif``/``after.tif`` of ``case_dir`` changed by ``name`` into ``out_dir``
     (same dtype and band descriptions; nodata pixels stay nodata)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    zoom = 1.0  # new pixel size / old
     for date in ("before", "after"):
         with rasterio.open(case_dir / f"{date}.tif") as src:
             prof = src.profile
@@ -137,16 +138,16 @@ def write_perturbed(case_dir: Path, out_dir: Path, name: str) -> None:
             arr = arr.astype(src.dtypes[0])
             if nodata is not None:
                 arr[:, nodata] = src.nodata
-            prof.update(width=arr.shape[2], height=arr.shape[1], transform=tr)
-            prof.pop("blockxsize", None), prof.pop("blockysize", None)
-            prof["tiled"] = False
+            zoom = tr.a / src.transform.a
+            prof.update(width=arr.shape[2], height=arr.shape[1], transform=tr, tiled=False)
+            for key in ("blockxsize", "blockysize"):
+                prof.pop(key, None)
             with rasterio.open(out_dir / f"{date}.tif", "w", **prof) as dst:
                 dst.write(arr)
                 dst.descriptions = src.descriptions
     (out_dir / "label.tif").symlink_to((case_dir / "label.tif").resolve())
     meta = json.loads((case_dir / "meta.json").read_text())
-    if name in RESAMPLE:
-        meta["gsd_m"] = float(meta["gsd_m"]) * (2.0 if name == "coarser" else 0.5)
+    meta["gsd_m"] = float(meta["gsd_m"]) * zoom
     (out_dir / "meta.json").write_text(json.dumps(meta))
 
 
