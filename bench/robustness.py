@@ -14,7 +14,8 @@ changed the way another sensor or acquisition would change them, the label left 
 - ``noise_both``: Gaussian noise of 1 % of full scale on both dates;
 - ``coarser``: both dates averaged 2×2, e.g. 0.5 m → 1 m (GF-2, Jilin-1) and 10 m → 20 m;
 - ``finer``: both dates resampled bilinearly to half the pixel size, e.g. 0.5 m → 0.25 m
-  (aerial imagery; no new detail, but every size in pixels doubles).
+  (aerial imagery; no new detail, but every size in pixels doubles);
+- ``finer4`` (only when asked for): 4× finer, e.g. 0.5 m → 0.125 m (an aerial or drone survey).
 
 It prints per dataset F1 and precision for the images as they are and for each change, and the
 change in F1. Run it under the CPU lock after ``bench/accuracy.py`` has trained the fold models::
@@ -97,9 +98,13 @@ PERTURBATIONS: dict[str, Perturb] = {
 }
 
 
-def _finer(src: rasterio.DatasetReader, x: np.ndarray) -> tuple[np.ndarray, Affine]:
-    y = ndi.zoom(x, (1, 2, 2), order=1, mode="nearest", grid_mode=True)
-    return y, src.transform * Affine.scale(0.5)
+def _finer(src: rasterio.DatasetReader, x: np.ndarray, f: int = 2) -> tuple[np.ndarray, Affine]:
+    y = ndi.zoom(x, (1, f, f), order=1, mode="nearest", grid_mode=True)
+    return y, src.transform * Affine.scale(1 / f)
+
+
+def _finer4(src: rasterio.DatasetReader, x: np.ndarray) -> tuple[np.ndarray, Affine]:
+    return _finer(src, x, 4)
 
 
 def _coarser(src: rasterio.DatasetReader, x: np.ndarray) -> tuple[np.ndarray, Affine]:
@@ -109,6 +114,8 @@ def _coarser(src: rasterio.DatasetReader, x: np.ndarray) -> tuple[np.ndarray, Af
 
 
 RESAMPLE = {"coarser": _coarser, "finer": _finer}
+#: run only when asked (``--perturb finer4``): 16× the pixels of a case
+EXTRA = {"finer4": _finer4}
 
 
 def write_perturbed(case_dir: Path, out_dir: Path, name: str) -> None:
@@ -124,10 +131,11 @@ def write_perturbed(case_dir: Path, out_dir: Path, name: str) -> None:
             x = raw.astype(np.float32) / scale
             nodata = (raw == src.nodata).all(0) if src.nodata is not None else None
             tr = src.transform
-            if name in RESAMPLE:
-                x, tr = RESAMPLE[name](src, x)
+            resample = {**RESAMPLE, **EXTRA}.get(name)
+            if resample is not None:
+                x, tr = resample(src, x)
                 if nodata is not None:
-                    nodata = RESAMPLE[name](src, nodata[None] * 1.0)[0][0] > 0
+                    nodata = resample(src, nodata[None] * 1.0)[0][0] > 0
             else:
                 y = PERTURBATIONS[name](x, date)
                 x = x if y is None else y
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     names = ["none", *[p for p in args.perturb.split(",") if p]]
-    unknown = set(names) - {"none", *RESAMPLE, *PERTURBATIONS}
+    unknown = set(names) - {"none", *RESAMPLE, *EXTRA, *PERTURBATIONS}
     if unknown:
         print(f"unknown perturbation(s) {sorted(unknown)}", file=sys.stderr)
         return 2

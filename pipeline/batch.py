@@ -25,7 +25,14 @@ from . import align, classify, ingest
 from .blocks import PRELOAD, default_workers, map_blocks, warm_up
 from .config import CategoryConfig, DetectionConfig
 from .detect.features import halo_px
-from .detect.registry import describe, get_detector, scene_samples, takes_scene_samples
+from .detect.registry import (
+    block_multiple,
+    describe,
+    get_detector,
+    scene_samples,
+    takes_scene_samples,
+    work_factor,
+)
 from .grid import Block, Grid
 from .progress import Progress
 from .types import NO_CHANGE, NOT_OBSERVED
@@ -174,7 +181,8 @@ def with_scene_medians(job: BlockJob) -> align.AlignParams:
     if not takes_scene_samples(det):
         return job.params
     wins = median_windows(job.grid)
-    margin = halo_px(job.grid.res)
+    f = work_factor(det)
+    margin = halo_px(job.grid.res * f) * f
     samples = []
     for k, win in enumerate(wins):
         before, after, valid = align.read_aligned_block(
@@ -264,7 +272,11 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
         params = with_scene_medians(job)
     job = replace(job, params=params)
     det = _job_detector(job)
-    halo = max(DEFAULT_HALO, int(getattr(det, "halo", 0)))
+    # blocks start on the detector's lattice: each averages the cells and pools on the grid of a
+    # whole-image pass (the building network's 2^4 poolings at its coarsest scale)
+    m = block_multiple(det)
+    halo = -(-max(DEFAULT_HALO, int(getattr(det, "halo", 0))) // m) * m
+    block_size = -(-block_size // m) * m
     blocks = list(grid.blocks(block_size, halo=halo))
     parts: list[tuple[int, BlockPolygons]] = []
     excluded: Counter[str] = Counter()

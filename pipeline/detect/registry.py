@@ -146,6 +146,18 @@ def _inner(det: ChangeDetector) -> ChangeDetector:
     return det.det if isinstance(det, _WithEvidence) else det
 
 
+def block_multiple(det: ChangeDetector) -> int:
+    """Block sizes and halos that are multiples of this many pixels give ``det`` the cells and
+    pooling lattice of a whole-image pass (1: any; see ``LearnedDetector.block_multiple``)."""
+    return int(getattr(_inner(det), "block_multiple", 1))
+
+
+def work_factor(det: ChangeDetector) -> int:
+    """Pixels per side of the cells ``det`` detects on (1: every pixel; see
+    :data:`pipeline.detect.learned.WORK_RES_M`)."""
+    return int(getattr(_inner(det), "work_factor", 1))
+
+
 def takes_scene_samples(det: ChangeDetector) -> bool:
     """Whether ``det`` takes scene statistics from sample windows (:func:`scene_samples`)."""
     return callable(getattr(_inner(det), "median_samples", None))
