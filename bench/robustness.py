@@ -15,7 +15,10 @@ changed the way another sensor or acquisition would change them, the label left 
 - ``coarser``: both dates averaged 2×2, e.g. 0.5 m → 1 m (GF-2, Jilin-1) and 10 m → 20 m;
 - ``finer``: both dates resampled bilinearly to half the pixel size, e.g. 0.5 m → 0.25 m
   (aerial imagery; no new detail, but every size in pixels doubles);
-- ``finer4`` (only when asked for): 4× finer, e.g. 0.5 m → 0.125 m (an aerial or drone survey).
+- ``finer4`` (only when asked for): 4× finer, e.g. 0.5 m → 0.125 m (an aerial or drone survey);
+- ``tiles256`` (only when asked for): each case cut into tiles of 256² px (the last ones in a
+  row or column smaller), each run through ``tuban compare`` on its own, as datasets delivered
+  in small tiles are: every tile has only its own scene statistics and context.
 
 It prints per dataset F1 and precision for the images as they are and for each change, and the
 change in F1. Run it under the CPU lock after ``bench/accuracy.py`` has trained the fold models::
@@ -37,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from rasterio.transform import Affine
+from rasterio.windows import Window, from_bounds
 from scipy import ndimage as ndi
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +163,44 @@ def write_perturbed(case_dir: Path, out_dir: Path, name: str) -> None:
     (out_dir / "meta.json").write_text(json.dumps(meta))
 
 
+TILE_PX = 256
+
+
+def write_tile(case_dir: Path, out_dir: Path, win: Window) -> None:
+    """``case_dir``'s images and label inside ``win`` of the before grid (the after image cut
+    to the same bounds on its own grid)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(case_dir / "before.tif") as src:
+        bounds = rasterio.windows.bounds(win, src.transform)
+    for name in ("before", "after", "label"):
+        with rasterio.open(case_dir / f"{name}.tif") as src:
+            w = win if name != "after" else from_bounds(*bounds, transform=src.transform)
+            w = w.round_offsets().round_lengths()
+            prof = src.profile
+            prof.update(width=int(w.width), height=int(w.height), tiled=False,
+                        transform=src.window_transform(w))
+            for key in ("blockxsize", "blockysize"):
+                prof.pop(key, None)
+            with rasterio.open(out_dir / f"{name}.tif", "w", **prof) as dst:
+                dst.write(src.read(window=w, boundless=True, fill_value=src.nodata or 0))
+                dst.descriptions = src.descriptions
+    (out_dir / "meta.json").write_text((case_dir / "meta.json").read_text())
+
+
+def run_tiles(case_dir: Path, tmp: Path, model_dir: Path) -> np.ndarray:
+    """Predictions of ``case_dir`` run tile by tile (:data:`TILE_PX`), on the label grid."""
+    with rasterio.open(case_dir / "label.tif") as src:
+        h, w = src.shape
+    pred = np.zeros((h, w), bool)
+    for r in range(0, h, TILE_PX):
+        for c in range(0, w, TILE_PX):
+            win = Window(c, r, min(TILE_PX, w - c), min(TILE_PX, h - r))
+            d = tmp / "tiles" / case_dir.parent.name / f"{case_dir.name}_{r}_{c}"
+            write_tile(case_dir, d, win)
+            pred[r:r + win.height, c:c + win.width] = run_compare(d, tmp / "out_tiles", model_dir)
+    return pred
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=Path, default=DEFAULT_CASES)
@@ -168,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     names = ["none", *[p for p in args.perturb.split(",") if p]]
-    unknown = set(names) - {"none", *RESAMPLE, *EXTRA, *PERTURBATIONS}
+    unknown = set(names) - {"none", *RESAMPLE, *EXTRA, *PERTURBATIONS, "tiles256"}
     if unknown:
         print(f"unknown perturbation(s) {sorted(unknown)}", file=sys.stderr)
         return 2
@@ -187,10 +229,13 @@ def main(argv: list[str] | None = None) -> int:
             line = f"{key:<32}"
             for n in names:
                 case_dir = d
-                if n != "none":
-                    case_dir = Path(tmp) / n / d.parent.name / d.name
-                    write_perturbed(d, case_dir, n)
-                pred = run_compare(case_dir, Path(tmp) / "out" / n, folds[key])
+                if n == "tiles256":
+                    pred = run_tiles(d, Path(tmp), folds[key])
+                else:
+                    if n != "none":
+                        case_dir = Path(tmp) / n / d.parent.name / d.name
+                        write_perturbed(d, case_dir, n)
+                    pred = run_compare(case_dir, Path(tmp) / "out" / n, folds[key])
                 c = counts(pred, label)
                 _add(acc[n].setdefault(d.parent.name, {}), c)
                 line += f" | {n} {scores(c)['f1']:.3f}"
