@@ -171,3 +171,7 @@ def test_fine_imagery_is_detected_as_at_the_trained_size(tmp_path: Path) -> None
     assert set(np.unique(lab[one])) >= {1, 2, 3}
     assert not (one & ~ndi.binary_dilation(lab > 0, iterations=20)).any()
     assert (one & many).sum() / (one | many).sum() > 0.98
+    run = json.loads((tmp_path / "q-301" / "run.json").read_text())
+    assert run["detector"]["name"] == "learned" and run["detector"]["work_factor"] == 2
+    assert "work_factor" not in json.loads((tmp_path / "m1-1024" / "run.json").read_text()
+                                           )["detector"]

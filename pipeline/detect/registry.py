@@ -176,7 +176,9 @@ def describe(det: ChangeDetector, roles: Sequence[str], res_m: float) -> dict[st
     """What made the decisions, for ``run.json``: the detector's name and the model files it
     uses on these bands and pixel size, each with the first 16 hex digits of its SHA-256 (the
     spectral detector: its threshold in noise units; ``open_ground``: the spectral detector
-    that decides inside forest, farmland and ecological land, see :class:`_WithEvidence`)."""
+    that decides inside forest, farmland and ecological land, see :class:`_WithEvidence`;
+    ``work_factor``: imagery finer than the models' detected on cells of that many pixels a
+    side, see :data:`pipeline.detect.learned.WORK_RES_M`)."""
     files = getattr(_inner(det), "model_files", None)
     if not callable(files):
         return {"name": "spectral", "models": {},
@@ -187,4 +189,6 @@ def describe(det: ChangeDetector, roles: Sequence[str], res_m: float) -> dict[st
                    for p in files(roles, res_m)}}
     if getattr(det, "open_ground", False):  # the spectral detector decides on open ground
         out["open_ground"] = {"name": "spectral", "threshold": det.spectral.threshold}
+    if work_factor(det) > 1:  # imagery finer than the models': the pixels per cell side
+        out["work_factor"] = work_factor(det)
     return out
