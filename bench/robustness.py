@@ -15,6 +15,8 @@ changed the way another sensor or acquisition would change them, the label left 
 - ``coarser``: both dates averaged 2×2, e.g. 0.5 m → 1 m (GF-2, Jilin-1) and 10 m → 20 m;
 - ``finer``: both dates resampled bilinearly to half the pixel size, e.g. 0.5 m → 0.25 m
   (aerial imagery; no new detail, but every size in pixels doubles);
+- ``swap_dates``: the after image as the before and the other way round (what was built has
+  been demolished; the labels mark both);
 - ``finer4`` (only when asked for): 4× finer, e.g. 0.5 m → 0.125 m (an aerial or drone survey);
 - ``tiles256`` (only when asked for): each case cut into tiles of 256² px (the last ones in a
   row or column smaller), each run through ``tuban compare`` on its own, as datasets delivered
@@ -128,7 +130,8 @@ def write_perturbed(case_dir: Path, out_dir: Path, name: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     zoom = 1.0  # new pixel size / old
     for date in ("before", "after"):
-        with rasterio.open(case_dir / f"{date}.tif") as src:
+        source = {"before": "after", "after": "before"}[date] if name == "swap_dates" else date
+        with rasterio.open(case_dir / f"{source}.tif") as src:
             prof = src.profile
             scale = _scale(src.dtypes[0])
             raw = src.read()
@@ -140,7 +143,7 @@ def write_perturbed(case_dir: Path, out_dir: Path, name: str) -> None:
                 x, tr = resample(src, x)
                 if nodata is not None:
                     nodata = resample(src, nodata[None] * 1.0)[0][0] > 0
-            else:
+            elif name != "swap_dates":
                 y = PERTURBATIONS[name](x, date)
                 x = x if y is None else y
             hi = {"uint8": 255, "uint16": 65535}.get(src.dtypes[0])
@@ -205,12 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=Path, default=DEFAULT_CASES)
     ap.add_argument("--only", help="comma-separated datasets")
-    ap.add_argument("--perturb", default=",".join([*PERTURBATIONS, *RESAMPLE]))
+    ap.add_argument("--perturb", default=",".join([*PERTURBATIONS, *RESAMPLE, "swap_dates"]))
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "robustness.json")
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     names = ["none", *[p for p in args.perturb.split(",") if p]]
-    unknown = set(names) - {"none", *RESAMPLE, *EXTRA, *PERTURBATIONS, "tiles256"}
+    unknown = set(names) - {"none", *RESAMPLE, *EXTRA, *PERTURBATIONS, "swap_dates", "tiles256"}
     if unknown:
         print(f"unknown perturbation(s) {sorted(unknown)}", file=sys.stderr)
         return 2

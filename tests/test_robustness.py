@@ -44,3 +44,17 @@ def test_perturbed_case_covers_the_same_ground(case: Path, tmp_path: Path, name:
             assert same is (date == "before")  # only the after date is retoned
     assert json.loads((out / "meta.json").read_text())["gsd_m"] == gsd
     assert (out / "label.tif").resolve() == (case / "label.tif").resolve()
+
+
+def test_swapped_dates_trade_places(make_raster, tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    imgs = {n: (rng.random((4, 32, 32)) * 3000 + 500).astype("uint16") for n in ("before", "after")}
+    for name, img in imgs.items():
+        make_raster(f"oscd/c/{name}.tif", img, descriptions=ROLES, res=10.0, nodata=0)
+    path = make_raster("oscd/c/label.tif", np.zeros((32, 32), "uint8"), res=10.0)
+    (path.parent / "meta.json").write_text(json.dumps({"dataset": "oscd", "gsd_m": 10}))
+    out = tmp_path / "swap"
+    write_perturbed(path.parent, out, "swap_dates")
+    for date, other in (("before", "after"), ("after", "before")):
+        with rasterio.open(out / f"{date}.tif") as b:
+            np.testing.assert_array_equal(b.read(), imgs[other])
