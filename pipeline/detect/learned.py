@@ -320,6 +320,9 @@ class LearnedDetector:
             (:mod:`pipeline.detect.cnn`, ``cnn_<name>.onnx``), add its vote to the pixel
             model's margin and decide on the sum; the decision without it (object stage
             included) is returned too, as ``change_any``.
+
+    Imagery finer than :data:`WORK_RES_M` is detected on cells of :attr:`work_factor` pixels a
+    side; blocks should start at multiples of :attr:`block_multiple` pixels.
     """
 
     def __init__(self, roles: Sequence[str] | None = None, res_m: float | None = None, *,
