@@ -98,3 +98,25 @@ def test_open_ground_change_drops_illumination_only() -> None:
                 "bright_before": np.array([0.2, 0.2, 0.2, 0.2]),
                 "bright_after": np.array([0.1, 0.1, 0.05, 0.1])}  # 0.05: darker than 3x
     assert open_ground_change(spectral).tolist() == pytest.approx([0.0, 0.9, 0.9, 0.9])
+
+
+@needs_lgb
+def test_fine_imagery_gets_every_layer_from_cells() -> None:
+    """RGB at 0.125 m that is a 0.5 m image repeated 4×4: the learned decision and the spectral
+    layers the classifier reads are the 0.5 m ones, repeated (the spectral detector runs on the
+    same cells)."""
+    from pipeline.detect.learned import up_nearest
+
+    rng = np.random.default_rng(2)
+    before = (0.1 + 0.3 * rng.random((3, 64, 64))).astype(np.float32)
+    after = before.copy()
+    after[:, 20:40, 24:48] = np.array([0.55, 0.5, 0.45], np.float32)[:, None, None]
+    valid = np.ones((64, 64), bool)
+    coarse = get_detector("auto", RGB, 0.5)(before, after, valid, RGB, 0.5)
+    fine_det = get_detector("auto", RGB, 0.125)
+    b4, a4, v4 = (up_nearest(x, 4, (256, 256)) for x in (before, after, valid))
+    fine = fine_det(b4, a4, v4, RGB, 0.125)
+    assert set(fine) == set(coarse) >= {"change", "change_any", "score", "chroma_red_after"}
+    for key in coarse:
+        np.testing.assert_allclose(fine[key], up_nearest(coarse[key], 4, (256, 256)),
+                                   atol=1e-5, err_msg=key)
