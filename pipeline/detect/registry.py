@@ -87,7 +87,6 @@ class _WithEvidence:
                         if k not in out and k not in self.NOT_PASSED})
         return out
 
-
     def _spectral(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
                   roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
         """The spectral detector's layers, on the wrapped detector's cells when it works on
