@@ -218,6 +218,25 @@ def up_nearest(x: np.ndarray, f: int, shape: tuple[int, int]) -> np.ndarray:
     return np.repeat(np.repeat(x, f, -2), f, -1)[..., : shape[0], : shape[1]]
 
 
+def to_cells(before: np.ndarray, after: np.ndarray, valid: np.ndarray,
+             f: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Both dates on ``f``×``f`` cells (:func:`down_masked`) and the cells at least half valid."""
+    b, v = down_masked(before, valid, f)
+    return b, down_masked(after, valid, f)[0], v
+
+
+def from_cells(layers: Mapping[str, np.ndarray], f: int,
+               valid: np.ndarray) -> dict[str, np.ndarray]:
+    """Layers computed on ``f``×``f`` cells back on the pixels (:func:`up_nearest`); the
+    decisions (``change``, ``change_any``) 0 where a pixel is not valid."""
+    out = {}
+    for k, x in layers.items():
+        up = up_nearest(x, f, valid.shape)
+        out[k] = (np.where(valid, up, 0.0).astype(np.float32)
+                  if k in ("change", "change_any") else up)
+    return out
+
+
 def predict_stride(res_m: float) -> int:
     """Pixel stride of the model evaluation: features are smooth over ~3 m, so sub-metre
     imagery is scored on every second pixel and filled in (4x faster, same decisions)."""
@@ -389,8 +408,7 @@ class LearnedDetector:
         if f > 1:
             if keep is not None:  # the cells holding a kept pixel
                 keep = C.downsample(keep.astype(np.float32), f) > 0
-            after = down_masked(after, valid, f)[0]
-            before, valid = down_masked(before, valid, f)
+            before, after, valid = to_cells(before, after, valid, f)
         return F.median_samples(before, after, valid, roles, res_m * f,
                                 kind=self._kind(roles, res_m), stretch=self.stretch, keep=keep)
 
@@ -401,11 +419,8 @@ class LearnedDetector:
         if f == 1:
             return self._detect(before, after, valid, roles, res_m)
         # on f×f cells; the spectral evidence (vegetation, brightness) stays per pixel
-        b, v = down_masked(before, valid, f)
-        a = down_masked(after, valid, f)[0]
-        out = self._detect(b, a, v, roles, res_m * f, evidence=False)
-        out = {k: np.where(valid, up_nearest(x, f, valid.shape), 0.0).astype(np.float32)
-               for k, x in out.items()}
+        cells = to_cells(before, after, valid, f)
+        out = from_cells(self._detect(*cells, roles, res_m * f, evidence=False), f, valid)
         return {**out, **spectral_evidence(before, after, valid, roles)}
 
     def _detect(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,

@@ -78,28 +78,25 @@ class _WithEvidence:
 
     def __call__(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
                  roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
+        f = work_factor(self)
+        if f == 1:
+            return self._both(before, after, valid, roles, res_m)
+        # imagery finer than the models' (learned.WORK_RES_M): both detectors on the same cells,
+        # averaged once (per pixel, the spectral detector took 26 of 63 s of block work on a
+        # 4096² scene at 0.125 m); brightness and vegetation stay per pixel
+        cells = L.to_cells(before, after, valid, f)
+        out = L.from_cells(self._both(*cells, roles, res_m * f), f, valid)
+        return {**out, **L.spectral_evidence(before, after, valid, roles)}
+
+    def _both(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
+              roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
         out = dict(self.det(before, after, valid, roles, res_m))
         if self.open_ground or any(k not in out for k in EVIDENCE_KEYS):
-            extra = self._spectral(before, after, valid, roles, res_m)
+            extra = self.spectral(before, after, valid, roles, res_m)
             if self.open_ground:
                 out["change_any"] = open_ground_change(extra)
             out.update({k: v for k, v in extra.items()
                         if k not in out and k not in self.NOT_PASSED})
-        return out
-
-    def _spectral(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
-                  roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
-        """The spectral detector's layers, on the wrapped detector's cells when it works on
-        cells (imagery finer than :data:`pipeline.detect.learned.WORK_RES_M`): per pixel, it
-        took 26 of 63 s of block work on a 4096² scene at 0.125 m."""
-        f = work_factor(self)
-        if f == 1:
-            return self.spectral(before, after, valid, roles, res_m)
-        b, v = L.down_masked(before, valid, f)
-        a = L.down_masked(after, valid, f)[0]
-        extra = self.spectral(b, a, v, roles, res_m * f)
-        out = {k: L.up_nearest(x, f, valid.shape) for k, x in extra.items()}
-        out["change"] = np.where(valid, out["change"], np.float32(0.0))
         return out
 
 
