@@ -255,8 +255,8 @@ def predict_map(booster: Any, stack: np.ndarray, valid: np.ndarray, res_m: float
         r, c = rows[s:s + PRED_CHUNK_PX], cols[s:s + PRED_CHUNK_PX]
         x = np.ascontiguousarray(stack[:, r * k, c * k].T)
         sub[r, c] = booster.predict(x, num_threads=threads, **PRED_EARLY_STOP)
-    raw = np.repeat(np.repeat(sub, k, 0), k, 1)[:h, :w] if k > 1 else sub
-    sub_mask = np.repeat(np.repeat(sub_valid, k, 0), k, 1)[:h, :w] & valid
+    raw = up_nearest(sub, k, (h, w)) if k > 1 else sub
+    sub_mask = up_nearest(sub_valid, k, (h, w)) & valid
     return smooth_score(raw, sub_mask, res_m) * valid
 
 
