@@ -81,6 +81,15 @@ def _median(x: np.ndarray, valid: np.ndarray) -> float:
     return float(np.median(v)) if v.size else 1.0
 
 
+def zero_nonfinite(x: np.ndarray) -> np.ndarray:
+    """``x`` with NaN and ±inf set to 0, in place (``np.nan_to_num`` with every replacement 0,
+    whose three passes took 3.8 s of a 37 s learned run on 4000²). A finite sum proves every
+    value finite, so the usual all-finite array costs one summing pass."""
+    if not np.isfinite(x.sum()):
+        x[~np.isfinite(x)] = 0.0
+    return x
+
+
 def _mean(x: np.ndarray, r: int) -> np.ndarray:
     return ndi.uniform_filter(x, size=2 * r + 1, mode="reflect")
 
@@ -163,8 +172,8 @@ def compute(before: np.ndarray, after: np.ndarray, valid: np.ndarray, roles: tup
     idx = {r: i for i, r in enumerate(roles)}
     use = list(RGB) + (list(MS_EXTRA) if kind == "ms" else [])
     sel = [idx[r] for r in use]
-    raw_a = np.nan_to_num(before[sel].astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    raw_b = np.nan_to_num(after[sel].astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    raw_a = zero_nonfinite(before[sel].astype(np.float32))
+    raw_b = zero_nonfinite(after[sel].astype(np.float32))
     if stretch is None:
         pa, pb = stretch_params(raw_a, valid), stretch_params(raw_b, valid)
     else:
@@ -245,7 +254,7 @@ def compute(before: np.ndarray, after: np.ndarray, valid: np.ndarray, roles: tup
     stack = np.empty((len(names), *valid.shape), np.float32)
     for i, n in enumerate(names):
         stack[i] = f.pop(n)
-    np.nan_to_num(stack, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        zero_nonfinite(stack[i])
     return names, stack
 
 

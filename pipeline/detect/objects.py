@@ -95,23 +95,45 @@ def object_features(lab: np.ndarray, n: int, raw: np.ndarray, threshold_raw: flo
     lab = np.where(valid, lab, 0)
     flat = lab.ravel()
     ring = ring_labels(lab, valid, res_m).ravel()
+    # only the pixels of an object or of its ring count: they are selected once (objects
+    # cover a small part of a block; bincounts over whole blocks took 2.9 s of a 37 s learned
+    # run on 4000²). Sums per label come out bit for bit as over the whole block.
+    o_px = np.flatnonzero(flat)
+    o_lab = flat[o_px]
+    r_px = np.flatnonzero(ring)
+    r_lab = ring[r_px]
 
-    def sums(x: np.ndarray, labels: np.ndarray = flat) -> np.ndarray:
-        return np.bincount(labels, weights=np.asarray(x, np.float64).ravel(),
+    def on_obj(x: np.ndarray) -> np.ndarray:
+        return x.ravel()[o_px]
+
+    def on_ring(x: np.ndarray) -> np.ndarray:
+        return x.ravel()[r_px]
+
+    def sums(v: np.ndarray, labels: np.ndarray = o_lab) -> np.ndarray:
+        return np.bincount(labels, weights=np.asarray(v, np.float64),
                            minlength=n + 1)[1:n + 1]
 
-    area = np.maximum(sums(np.ones(lab.shape)), 1.0)
-    ring_n = sums(np.ones(lab.shape), ring)
+    def count(labels: np.ndarray) -> np.ndarray:
+        return np.bincount(labels, minlength=n + 1)[1:n + 1].astype(np.float64)
+
+    def peak(v: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        out = np.full(n + 1, -np.inf)
+        np.maximum.at(out, labels, v)
+        return out[1:]
+
+    n_px = count(o_lab)
+    area = np.maximum(n_px, 1.0)
+    ring_n = count(r_lab)
     ring_d = np.maximum(ring_n, 1.0)
 
-    def mean(x: np.ndarray) -> np.ndarray:
-        return sums(x) / area
+    def mean(v: np.ndarray) -> np.ndarray:
+        return sums(v) / area
 
-    def ring_mean(x: np.ndarray, fallback: np.ndarray) -> np.ndarray:
-        return np.where(ring_n > 0, sums(x, ring) / ring_d, fallback)
+    def ring_mean(v: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+        return np.where(ring_n > 0, sums(v, r_lab) / ring_d, fallback)
 
     # shape: second moments (elongation, box fill, length) and pixel-edge perimeter
-    yy, xx = np.indices(lab.shape, dtype=np.float64)
+    yy, xx = (v.astype(np.float64) for v in np.divmod(o_px, lab.shape[1]))
     my, mx = mean(yy), mean(xx)
     vyy = np.maximum(mean(yy * yy) - my * my, 0.0) + 1 / 12
     vxx = np.maximum(mean(xx * xx) - mx * mx, 0.0) + 1 / 12
@@ -131,29 +153,31 @@ def object_features(lab: np.ndarray, n: int, raw: np.ndarray, threshold_raw: flo
         perim += np.bincount(lab[edge], minlength=n + 1)[1:n + 1]
     compact = 4 * math.pi * area / np.maximum(perim, 1.0) ** 2
 
-    margin = (F.logit(raw) - F.logit(threshold_raw)).astype(np.float64)
+    t = F.logit(threshold_raw)
+    margin = (F.logit(on_obj(raw)) - t).astype(np.float64)
+    margin_ring = (F.logit(on_ring(raw)) - t).astype(np.float64)
     m_mean = mean(margin)
     m_std = np.sqrt(np.maximum(mean(margin * margin) - m_mean ** 2, 0.0))
-    idx = np.arange(1, n + 1)
-    m_max = np.asarray(ndi.maximum(margin, lab, idx), np.float64)
+    m_max = np.where(n_px > 0, peak(margin, o_lab), 0.0)  # 0 for an empty label, as ndi's
     m_core = mean(margin > 0)
-    m_ring = ring_mean(margin, m_mean)
-    ring_max = np.full(n + 1, -np.inf)
-    np.maximum.at(ring_max, ring, margin.ravel())
-    m_ring_max = np.where(ring_n > 0, ring_max[1:n + 1], m_mean)
+    m_ring = ring_mean(margin_ring, m_mean)
+    m_ring_max = np.where(ring_n > 0, peak(margin_ring, r_lab), m_mean)
 
     pos = {nm: i for i, nm in enumerate(names)}
 
     def feat(nm: str) -> np.ndarray:
         return stack[pos[nm]] if nm in pos else np.zeros(lab.shape, np.float32)
 
+    def obj_feat(nm: str) -> np.ndarray:
+        return on_obj(feat(nm))
+
     def veg(x: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-(x - EXG_VEG_MID) / EXG_VEG_WIDTH))
 
-    inside = {nm: mean(feat(nm)) for nm in INSIDE}
+    inside = {nm: mean(obj_feat(nm)) for nm in INSIDE}
     cols = [np.log10(area * res_m * res_m), np.log10(length_m), elong, fill, compact,
             m_mean, m_max, m_std, m_core, m_ring, m_ring_max,
-            mean(veg(feat("exg_a"))), mean(veg(feat("exg_b"))), ring_n / area]
+            mean(veg(obj_feat("exg_a"))), mean(veg(obj_feat("exg_b"))), ring_n / area]
     # scene context: how much of the valid area the candidates cover, how many there are per
     # km², and how an object's score and size compare with the block's other candidates
     n_valid = max(float(valid.sum()), 1.0)
@@ -162,8 +186,8 @@ def object_features(lab: np.ndarray, n: int, raw: np.ndarray, threshold_raw: flo
              m_mean - np.median(m_mean), log_area - np.median(log_area)]
     cols += [inside[nm] for nm in INSIDE]
     for nm in RING_DIFF:
-        m_in = inside[nm] if nm in inside else mean(feat(nm))
-        cols.append(m_in - ring_mean(feat(nm), m_in))
+        m_in = inside[nm] if nm in inside else mean(obj_feat(nm))
+        cols.append(m_in - ring_mean(on_ring(feat(nm)), m_in))
     out = np.stack(cols, 1).astype(np.float32)
     np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     return out
