@@ -134,6 +134,23 @@ def test_planted_change_found_and_brightness_ignored() -> None:
     assert decide(out2["change"], valid, res).mean() < 0.02
 
 
+def test_zero_nonfinite_is_nan_to_num_in_place() -> None:
+    x = _scene((50, 40), 3)
+    x[1, 2, 3], x[0, 0, 0], x[2, 9, 9] = np.nan, np.inf, -np.inf
+    want = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    assert F.zero_nonfinite(x) is x
+    assert np.array_equal(x, want)
+    big = np.full((4, 4), 3e38, np.float32)  # finite, but its sum overflows to inf
+    assert np.array_equal(F.zero_nonfinite(big.copy()), big)
+
+
+def test_model_scored_on_every_second_pixel_up_to_1_2_m() -> None:
+    from pipeline.detect.learned import predict_stride
+
+    assert [predict_stride(r) for r in (0.3, 0.5, 0.8, 1.0, 1.1, 1.2, 2.0, 10.0)] == [
+        2, 2, 2, 2, 2, 1, 1, 1]
+
+
 def test_work_factor_brings_fine_imagery_to_half_a_metre() -> None:
     from pipeline.detect.learned import down_masked, up_nearest, work_factor
 

@@ -238,9 +238,11 @@ def from_cells(layers: Mapping[str, np.ndarray], f: int,
 
 
 def predict_stride(res_m: float) -> int:
-    """Pixel stride of the model evaluation: features are smooth over ~3 m, so sub-metre
-    imagery is scored on every second pixel and filled in (4x faster, same decisions)."""
-    return 2 if res_m < 1.0 else 1
+    """Pixel stride of the model evaluation: where the fine neighbourhood spans 3 px or more a
+    side (up to 1.2 m), imagery is scored on every second pixel and filled in, 4x fewer model
+    calls. LEVIR at 1 m, held out: F1 0.678 against 0.681 pixel by pixel; 4000² at 1 m with
+    the RGB model: 27 -> 21 s."""
+    return 2 if F.scales_for(res_m).r1 >= 3 else 1
 
 
 def predict_map(booster: Any, stack: np.ndarray, valid: np.ndarray, res_m: float,
