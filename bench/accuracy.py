@@ -19,10 +19,13 @@ tiles (``cases``), and each case runs through ``tuban compare`` with the model o
 did not see it (``TUBAN_MODEL_DIR``). Fold models are cached in ``bench/.cache/folds/`` under a
 key of the training recipe (``train_detector.py``, ``features.py``, ``objects.py`` and
 ``learned.py`` sources, seed) and the case list; a rerun with the same key only runs the
-comparisons. Run it under the CPU lock::
+comparisons. The ``spectral`` run scores the rule-based spectral detector through
+``tuban compare`` (``detection.method: spectral``): untrained, so held out by construction, and
+the detector ``auto`` picks for sub-metre RGB+NIR imagery, for which no labelled pair exists
+here. Run it under the CPU lock::
 
     flock /tmp/tuban-cpu.lock .venv/bin/python bench/accuracy.py [--cases DIR] [--only levir]
-        [--protocols lodo,cases] [--no-train-set] [--direct] [--json PATH]
+        [--protocols lodo,cases,spectral] [--no-train-set] [--direct] [--json PATH]
 
 ``--direct`` calls the shipped learned detector on arrays instead (training-set figures only).
 """
@@ -52,6 +55,9 @@ DEFAULT_CASES = ROOT.parent / "shared" / "data" / "cases"
 OBJECT_COVER = 0.5
 FOLD_CACHE = ROOT / "bench" / ".cache" / "folds"
 PROTOCOLS = ("lodo", "cases")
+#: runs that need no fold models: the rule-based spectral detector (``method: spectral``),
+#: which ``auto`` picks for sub-metre RGB+NIR imagery; untrained, so held out by construction
+UNTRAINED = ("spectral",)
 #: the headline protocol of the held-out table
 HEADLINE = "lodo"
 SEED = 0
@@ -162,13 +168,16 @@ def rasterize_patches(geojson: Path, label_path: Path) -> np.ndarray:
                      dtype="uint8").astype(bool)
 
 
-def run_compare(case_dir: Path, workdir: Path, model_dir: Path | None = None) -> np.ndarray:
+def run_compare(case_dir: Path, workdir: Path, model_dir: Path | None = None,
+                config: Path | None = None) -> np.ndarray:
     """Run ``tuban compare`` on a case (with the models in ``model_dir``, default the shipped
-    ones) and return its patches on the label grid."""
+    ones, and ``config`` if given) and return its patches on the label grid."""
     out = workdir / case_dir.parent.name / case_dir.name
     exe = Path(sys.executable).with_name("tuban")
     cmd = [str(exe) if exe.exists() else "tuban", "compare", str(case_dir / "before.tif"),
            str(case_dir / "after.tif"), "-o", str(out)]
+    if config is not None:
+        cmd += ["--config", str(config)]
     env = {k: v for k, v in os.environ.items() if k != "TUBAN_MODEL_DIR"}
     if model_dir is not None:
         env["TUBAN_MODEL_DIR"] = str(model_dir)
@@ -321,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="call the shipped learned detector on arrays (training-set figures)")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "accuracy.json")
     ap.add_argument("--only", help="comma-separated datasets")
-    ap.add_argument("--protocols", default=",".join(PROTOCOLS),
+    ap.add_argument("--protocols", default=",".join(PROTOCOLS + UNTRAINED),
                     help="held-out protocols to run through `tuban compare` ('' = none)")
     ap.add_argument("--no-train-set", action="store_true",
                     help="skip the shipped model's (training-set) run")
@@ -332,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no cases under {args.cases}", file=sys.stderr)
         return 2
     protocols = () if args.direct else tuple(p for p in args.protocols.split(",") if p)
-    folds = fold_models(args.cases, protocols=protocols) if protocols else {}
+    trained = tuple(p for p in protocols if p not in UNTRAINED)
+    folds = fold_models(args.cases, protocols=trained) if trained else {}
     runs = ([] if args.no_train_set and protocols else ["train-set"]) + list(protocols)
     models = _shipped_models()
     picked: dict[str, str] = {}  # dataset -> detector `auto` uses for its bands and pixel size
@@ -341,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     per_case = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tuban-acc-") as tmp:
+        spectral_cfg = Path(tmp) / "spectral.yaml"
+        spectral_cfg.write_text("detection: {method: spectral}\n")
         for d in dirs:
             case = load_case(d)
             key = f"{case.dataset}/{case.name}"
@@ -353,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
                 t = time.perf_counter()
                 if r == "train-set":
                     pred = direct_detect(case) if args.direct else run_compare(d, Path(tmp))
+                elif r == "spectral":
+                    pred = run_compare(d, Path(tmp) / r, config=spectral_cfg)
                 else:
                     mdir = folds[r].get(key)
                     if mdir is None:
@@ -378,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
                 "HEADLINE)",
         "cases": "HELD OUT through `tuban compare`, 3-fold case split within each dataset, "
                  "LEVIR crops with their tiles",
+        "spectral": "spectral detector (rule-based, untrained; what `auto` picks for "
+                    "sub-metre RGB+NIR), `tuban compare` with method spectral",
         "train-set": "TRAINING SET (NOT held out): shipped model, "
                      + ("direct on arrays" if args.direct else "`tuban compare`")
                      + ", every case was in its training set",
