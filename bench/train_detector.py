@@ -43,7 +43,7 @@ second-order dependence as the fold's decision thresholds).
 
 The ``ms`` (RGB+NIR) set trains too, but is not shipped: held out it scored below the RGB model
 (OSCD leave-one-dataset-out F1 0.36 vs 0.49; case split 0.61 vs 0.61-0.63), so RGB+NIR imagery
-at decametric pixels uses the RGB model (see ``pipeline.detect.learned.RGB_FOR_NIR_MIN_RES_M``).
+uses the RGB model (see ``pipeline.detect.learned.OPEN_GROUND_MAX_RES_M``).
 
 The weights derive from LEVIR-CD and OSCD, which are licensed for research use only.
 """

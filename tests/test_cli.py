@@ -85,11 +85,11 @@ def test_sample_scene_acceptance(sample_run: tuple[Path, Path]) -> None:
     assert set(scores["distractors"]) >= {"permit", "cemetery", "harvest", "cloud", "shadow"}
 
 
-def test_learned_on_rgb_nir_keeps_nir_evidence_on_open_ground(tmp_path: Path) -> None:
-    """``method: learned`` on 1 m RGB+NIR: the RGB model (trained on buildings) decides, but
-    inside forest and farmland the spectral detector's NIR evidence does. Without that the
-    sample's tomb clearings and soil on farmland went missing (4 of 10 and 0 of 5)."""
-    cfg = sample_config(tmp_path, detection={"method": "learned"})
+def test_default_on_rgb_nir_keeps_nir_evidence_on_open_ground(tmp_path: Path) -> None:
+    """The default on 1 m RGB+NIR: the RGB model (trained on buildings) decides, but inside
+    forest and farmland the spectral detector's NIR evidence does. Without that the sample's
+    tomb clearings and soil on farmland went missing (4 of 10 and 0 of 5)."""
+    cfg = sample_config(tmp_path, detection={})  # the sample's own config pins spectral
     res = tuban("run", cfg, "--run-id", "learned")
     assert res.returncode == 0, res.stderr
     out = tmp_path / "runs" / "learned"
@@ -364,7 +364,8 @@ def test_compare_config_threshold_reaches_the_spectral_detector(tmp_path: Path) 
     b, a = SAMPLE / "2024-03" / "scene.tif", SAMPLE / "2024-06" / "scene.tif"
     bands = "blue=1,green=2,red=3,nir=4"
     n, det = {}, {}
-    for name, text in (("plain", "detection: {}\n"), ("strict", "detection: {threshold: 8}\n")):
+    for name, text in (("plain", "detection: {method: spectral}\n"),
+                       ("strict", "detection: {method: spectral, threshold: 8}\n")):
         cfg = tmp_path / f"{name}.yaml"
         cfg.write_text(text)
         res = tuban("compare", b, a, "-o", tmp_path / name, "--bands", bands, "--config", cfg)

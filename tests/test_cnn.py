@@ -172,6 +172,9 @@ def test_run_record_names_the_models_used() -> None:
     assert "cnn_rgb_1m.onnx" not in off["models"]
     assert "cnn_rgb_1m.onnx" not in describe(get_detector("auto", RGB, 30.0), RGB, 30.0)["models"]
     rgbn = ("blue", "green", "red", "nir")
-    assert describe(get_detector("auto", rgbn, 1.0), rgbn, 1.0) == {"name": "spectral",
-                                                                    "models": {},
-                                                                    "threshold": 3.0}
+    assert describe(get_detector("spectral", rgbn, 1.0), rgbn, 1.0) == {"name": "spectral",
+                                                                        "models": {},
+                                                                        "threshold": 3.0}
+    d = describe(get_detector("auto", rgbn, 1.0), rgbn, 1.0)  # the RGB model, NIR on open ground
+    assert d["name"] == "learned" and "cnn_rgb_1m.onnx" in d["models"]
+    assert d["open_ground"] == {"name": "spectral", "threshold": 3.0}

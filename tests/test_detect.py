@@ -160,6 +160,6 @@ def test_evidence_layers() -> None:
     out = run(noisy(before, 1), noisy(before, 2))
     assert set(EVIDENCE_KEYS) <= out.keys()
     assert all(v.dtype == np.float32 and v.shape == before.shape[1:] for v in out.values())
-    det = get_detector("auto", ROLES, 1.0)
+    det = get_detector("spectral", ROLES, 1.0)
     assert set(EVIDENCE_KEYS) <= det(before, before, np.ones(before.shape[1:], bool), ROLES,
                                      1.0).keys()

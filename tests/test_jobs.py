@@ -31,7 +31,8 @@ def _config(scene: Path, tmp: Path, periods: list[str], persist: int) -> Path:
                      "bands": {"blue": 1, "green": 2, "red": 3, "nir": 4}} for p in periods],
         "rules": {r: {"path": str(scene / "rules" / f"{r}.geojson")}
                   for r in ("forest", "permits", "cemeteries")},
-        "detection": {"persist_periods": persist},
+        # synthetic imagery: the spectral detector, as configs/sample.yaml says why
+        "detection": {"persist_periods": persist, "method": "spectral"},
         "output": {"dir": str(tmp / "runs"), "evidence": False},
         "register": None,
     }

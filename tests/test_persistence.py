@@ -89,9 +89,12 @@ def test_three_period_sample_scene_harvest_is_transient(tmp_path: Path) -> None:
     scene = tmp_path / "s3"
     subprocess.run([sys.executable, str(ROOT / "sample_tiles" / "make_samples.py"), "--periods",
                     "3", "--size", "512", "--out", str(scene)], check=True, capture_output=True)
+    cfg = tmp_path / "spectral.yaml"  # synthetic imagery: as configs/sample.yaml says why
+    cfg.write_text("detection: {method: spectral}\n", encoding="utf-8")
     changes = {}
     for i, k in ((0, 1), (1, 2), (0, 2)):
-        out = jobs.compare(scene / P[i], scene / P[k], tmp_path / f"out{i}{k}", workers=1)
+        out = jobs.compare(scene / P[i], scene / P[k], tmp_path / f"out{i}{k}", config=cfg,
+                           workers=1)
         changes[(i, k)] = gpd.read_file(out / "patches.gpkg")
     judged = confirm(changes, P, persist_periods=2)
     pair = judged[judged["pair"] == "2024-03→2024-06"]

@@ -110,14 +110,16 @@ def default_threads() -> int:
         return 2
 
 
-#: ``method: auto`` on RGB+NIR imagery without an RGB+NIR model: the RGB model (NIR ignored)
-#: from this pixel size up (the model's 2-20 m class), the spectral detector below it.
-#: Measured: OSCD (Sentinel-2, 10 m, RGB+NIR) pixel F1 0.13 with the spectral detector vs 0.49
-#: held out with the RGB model; OSCD Brasilia resampled to 5.0 m (bench/robustness.py finer)
-#: 0.114 vs 0.295 (it was 5 m until then, so PlanetScope's 3 m went to the spectral detector);
-#: at 1 m the spectral detector's NIR evidence finds the synthetic sample scene's small tomb
-#: clearings (recall 1.0 vs 0.7 with the RGB model). No real RGB+NIR pair under 2 m is at hand.
-RGB_FOR_NIR_MIN_RES_M = 2.0
+#: RGB+NIR imagery finer than this (GF-2, Jilin-1): the RGB model (NIR ignored) and its network
+#: decide, but inside forest, farmland and ecological land the spectral detector's NIR evidence
+#: does (``open_ground``, :class:`pipeline.detect.registry._WithEvidence`): there tomb clearings
+#: and soil on farmland are the finding, which the RGB model, trained on buildings, passes over
+#: (sample scene: 4/10 clearings and 0/5 occupations without it). Coarser RGB+NIR imagery gets
+#: the RGB model alone. The spectral detector no longer decides on its own by default: through
+#: ``tuban compare`` on the real cases (bench/accuracy.py, spectral run) it scores below the
+#: textbook reference on every dataset (macro F1 0.229 vs 0.374; LEVIR 0.152, OSCD with its
+#: NIR band 0.136), where the RGB model scores 0.660 held out.
+OPEN_GROUND_MAX_RES_M = 2.0
 
 
 def _res_range(kind: str, model_dir: Path) -> tuple[float, float]:
@@ -132,24 +134,16 @@ def _res_range(kind: str, model_dir: Path) -> tuple[float, float]:
 
 def _kind_for(roles: tuple[str, ...], model_dir: Path | None, res_m: float | None = None,
               exact: bool = False) -> str | None:
-    """Model feature set for these bands and pixel size, or None.
-
-    ``exact`` (``method: auto``): only a model trained for this pixel size (its
-    ``res_range_m``), and for RGB+NIR imagery the RGB+NIR model or, from
-    :data:`RGB_FOR_NIR_MIN_RES_M` up, the RGB model; otherwise an RGB+NIR image may fall back to
-    the RGB model (its NIR ignored) at any pixel size.
+    """Model feature set for these bands and pixel size, or None: RGB+NIR imagery takes the
+    RGB+NIR model when one ships, else the RGB model (its NIR ignored). ``exact``
+    (``method: auto``): only a model trained for this pixel size (its ``res_range_m``).
     """
     model_dir = resolve_model_dir(model_dir)
     try:
         kind = F.feature_set(roles)
     except ValueError:
         return None
-    if kind == "rgb":
-        order: tuple[str, ...] = ("rgb",)
-    elif not exact or (res_m is not None and res_m >= RGB_FOR_NIR_MIN_RES_M):
-        order = ("ms", "rgb")
-    else:
-        order = ("ms",)
+    order: tuple[str, ...] = ("rgb",) if kind == "rgb" else ("ms", "rgb")
     for k in order:
         if not all(p.exists() for p in model_paths(k, model_dir)):
             continue
@@ -333,8 +327,7 @@ class LearnedDetector:
         threads: LightGBM and network threads; default :func:`default_threads`.
         model_dir: where the models are (default: :func:`resolve_model_dir`, i.e.
             ``$TUBAN_MODEL_DIR`` or the shipped :data:`MODEL_DIR`).
-        exact: use only a model for these bands and pixel size (RGB+NIR imagery: the RGB model
-            only from :data:`RGB_FOR_NIR_MIN_RES_M` up); what ``method: auto`` asks for.
+        exact: use only a model trained for this pixel size; what ``method: auto`` asks for.
         objects: apply the object stage (:mod:`pipeline.detect.objects`) when its model file
             ``learned_<set>_objects.*`` is in the model folder; False: pixel decision only.
         network: on RGB imagery within the range of a network in the model folder

@@ -27,9 +27,8 @@ def _learned(roles: tuple[str, ...], res_m: float, exact: bool, network: bool = 
              ) -> ChangeDetector | None:
     """The learned detector for these bands, or None when it or its model is unavailable.
 
-    ``exact``: only a model trained for exactly this band set and pixel size (``auto``); else an
-    RGB model may serve RGB+NIR imagery (``learned``). ``open_ground`` and ``threshold`` (of
-    the spectral detector there): see :class:`_WithEvidence`.
+    ``exact``: only a model trained for this pixel size (``auto``). ``open_ground`` and
+    ``threshold`` (of the spectral detector there): see :class:`_WithEvidence`.
     """
     try:
         if not L.has_model(roles, res_m, exact=exact):
@@ -120,12 +119,12 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
 
     ``"auto"`` chooses by bands and pixel size only: the learned detector when
     :mod:`pipeline.detect.learned` ships a model for them (RGB imagery: the RGB model; RGB+NIR:
-    an RGB+NIR model for that pixel size, else the RGB model from
-    ``learned.RGB_FOR_NIR_MIN_RES_M`` = 2 m up), else the spectral one. So 1 m RGB+NIR imagery
-    gets the spectral detector, whose NIR evidence finds small vegetation clearings the RGB
-    model misses, and Sentinel-2 / Landsat the RGB model. ``"learned"`` lets the RGB model
-    serve RGB+NIR imagery at any pixel size; below 2 m the spectral detector still decides
-    inside forest, farmland and ecological land (``open_ground``, see :class:`_WithEvidence`).
+    an RGB+NIR model, else the RGB model with its NIR ignored), else the spectral one. On
+    RGB+NIR imagery finer than ``learned.OPEN_GROUND_MAX_RES_M`` (2 m: GF-2, Jilin-1) the
+    spectral detector still decides inside forest, farmland and ecological land, where its NIR
+    evidence finds the small clearings the RGB model misses (``open_ground``, see
+    :class:`_WithEvidence`). ``"learned"`` is the same but raises where no model serves the
+    bands, and takes a model outside its trained pixel sizes.
 
     ``threshold`` (noise units) applies to the spectral detector; ``network`` lets the learned
     detector add its change network (:mod:`pipeline.detect.cnn`) where one covers the pixel
@@ -139,10 +138,9 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
     if key not in DETECTORS:
         raise ConfigError(f"unknown detection method {name!r}; use one of {', '.join(DETECTORS)}")
     if key in ("auto", "learned"):
-        # "learned" on sub-metre RGB+NIR: the RGB model decides, the spectral detector's NIR
-        # evidence inside forest, farmland and ecological land (see _WithEvidence)
-        open_ground = (key == "learned" and "nir" in roles
-                       and res_m < L.RGB_FOR_NIR_MIN_RES_M)
+        # sub-metre RGB+NIR: the RGB model decides, the spectral detector's NIR evidence inside
+        # forest, farmland and ecological land (see _WithEvidence)
+        open_ground = "nir" in roles and res_m < L.OPEN_GROUND_MAX_RES_M
         det = _learned(roles, res_m, exact=key == "auto", network=network, stretch=stretch,
                        medians=medians, open_ground=open_ground, threshold=threshold)
         if det is not None:
