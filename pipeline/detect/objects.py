@@ -165,11 +165,12 @@ def object_features(lab: np.ndarray, n: int, raw: np.ndarray, threshold_raw: flo
 
     pos = {nm: i for i, nm in enumerate(names)}
 
-    def feat(nm: str) -> np.ndarray:
-        return stack[pos[nm]] if nm in pos else np.zeros(lab.shape, np.float32)
+    def feat(nm: str, px: np.ndarray) -> np.ndarray:
+        """Pixel feature ``nm`` at the flat pixels ``px`` (0 when the stack lacks it)."""
+        return stack[pos[nm]].ravel()[px] if nm in pos else np.zeros(px.size, np.float32)
 
     def obj_feat(nm: str) -> np.ndarray:
-        return on_obj(feat(nm))
+        return feat(nm, o_px)
 
     def veg(x: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-(x - EXG_VEG_MID) / EXG_VEG_WIDTH))
@@ -187,7 +188,7 @@ def object_features(lab: np.ndarray, n: int, raw: np.ndarray, threshold_raw: flo
     cols += [inside[nm] for nm in INSIDE]
     for nm in RING_DIFF:
         m_in = inside[nm] if nm in inside else mean(obj_feat(nm))
-        cols.append(m_in - ring_mean(on_ring(feat(nm)), m_in))
+        cols.append(m_in - ring_mean(feat(nm, r_px), m_in))
     out = np.stack(cols, 1).astype(np.float32)
     np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     return out
