@@ -16,8 +16,9 @@ the process tree, sampled with psutil every 50 ms; PSS counts pages shared by fo
 once) and the ratios tuban/floor and tuban/OTB. Each command runs twice: memory is sampled in
 the first run, the wall time is the second's (sampling slows a process tree). A
 scene with ~100,000 small changes times vectorize, track and export at scale, and ``--dask``
-compares one and two local Dask workers on the 8000² pair, beside what this machine gives
-for two copies of the same work at once (its parallel ceiling).
+compares one and two local Dask workers on the 8000² pair (default configuration, no evidence
+PNGs), beside what this machine gives for two copies of the same work at once (its parallel
+ceiling).
 
     .venv/bin/python bench/speed.py --sizes 4000 8000 16000 [--many] [--dask] [--rgb] [--no-otb]
 
@@ -494,9 +495,10 @@ def main(argv: list[str] | None = None) -> int:
                                       before, after, config=noev)}
     if args.dask:
         before, after = make_pair(8000, args.seed)
-        # block work only: evidence chips (export, serial) would dilute the comparison
+        # the default detector, block work only: evidence chips (export, serial) would dilute
+        # the comparison
         dask_cfg = tmp / "dask.yaml"
-        dask_cfg.write_text(spectral_cfg.read_text() + "output: {evidence: false}\n")
+        dask_cfg.write_text(_config(tmp).read_text() + "output: {evidence: false}\n")
         report["dask_8000"] = _dask_speedup(before, after, dask_cfg)
         report["machine"]["parallel_scaling"] = machine_scaling(before, after)
     _write(args.out, report, rows)
