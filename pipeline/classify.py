@@ -266,8 +266,13 @@ def _object_features(ev: dict[str, np.ndarray], masks: dict[str, np.ndarray], va
     f["change"] = objs.means(ev["change"])
     # spectral states from the confidently changed pixels: the grown rim mixes in the surround
     seed = objs.subset(objs.values(ev["change"]) >= P_SEED)
+    # the surface, not its shadow: a new building's cast shadow changes too but tells nothing
+    # of the material; where shadow is most of the seed (water, deep shade) all of it counts
+    ba = ev.get("bright_after")
+    lit = seed if ba is None else seed.subset(~(seed.values(ba) < DARK))
+    use_lit = 2 * lit.count() >= seed.count()
     for key in SPECTRAL_KEYS:
-        f[key] = seed.means(ev.get(key))
+        f[key] = np.where(use_lit, lit.means(ev.get(key)), seed.means(ev.get(key)))
     for role in RULE_ROLES:
         m = masks.get(role)
         f[f"f_{role}"] = (np.zeros(n + 1) if m is None

@@ -323,3 +323,23 @@ def test_occupation_on_construction_land_is_excluded_but_buildings_are_not() -> 
     assert (res.category[field] == 0).all()
     assert res.excluded["construction_land"] == 1
     assert codes_in(res.category, roof) == {CATEGORY_CODES["illegal_construction"]}
+
+
+def test_a_new_roof_is_judged_without_its_cast_shadow() -> None:
+    """A learned detector's object takes in the new building's cast shadow (the shadow
+    changed too). The surface is judged on the lit pixels: shadowed grass is still green and
+    would lift the object's vegetation past the bare-ground limit."""
+    before = base_scene()
+    after = before.copy()
+    roof, shadow = (slice(70, 86), slice(72, 88)), (slice(70, 86), slice(62, 72))
+    paint(after, roof, "roof")
+    after[(slice(None), *shadow)] *= 0.3  # grass in the roof's shadow: darker, as green
+    valid = np.ones((N, N), bool)
+    ev = SpectralDetector(1.0)(noisy(before, 1), noisy(after, 2), valid, ROLES, 1.0)
+    blob = np.zeros((N, N), bool)
+    blob[70:86, 62:88] = True  # what the learned detector decided: roof and shadow as one
+    learned = {**ev, "change": np.where(blob, 0.95, 0.0).astype(np.float32)}
+    learned.pop("shape_score"), learned.pop("ratio_spread")  # not passed for a learned one
+    res = classify_block(learned, masks(), valid, res_m=1.0, cfg=CFG, categories=CATS)
+    assert codes_in(res.category, (slice(70, 86), slice(62, 88))) == {
+        CATEGORY_CODES["illegal_construction"]}
