@@ -6,7 +6,9 @@ block's detector evidence into a uint8 category raster and a per-object confiden
 Objects. The change probability is thresholded with hysteresis (seeds at ``P_SEED`` grown into
 ``P_GROW``) and split into 8-connected objects, cut along farmland parcel boundaries (slivers
 off farmland join their parcel piece). Every decision is made per object from the mean evidence
-of its seed pixels and its overlap with the rule layers, on the whole outer block (core + halo),
+of its seed pixels (its lit ones, not darker than ``DARK``, when they are at least half: a new
+building's cast shadow is part of the change but not of the surface) and its overlap with the
+rule layers, on the whole outer block (core + halo),
 using only fixed thresholds: an object that fits in the halo gets the same decision in every
 block that sees it, and nothing depends on block statistics.
 
