@@ -95,6 +95,27 @@ def default_workers() -> int:
                else (os.cpu_count() or 1))
 
 
+#: memory (MiB) a run may use, when set; default: half of what is available at the start
+MEMORY_ENV = "TUBAN_MEMORY_MIB"
+#: what the main process keeps beside the workers (rule layers, patches, the models it loads)
+MAIN_MIB = 512.0
+
+
+def worker_memory_mib(workers: int) -> float:
+    """Each local worker's share of the run's memory: ``$TUBAN_MEMORY_MIB`` (else half of the
+    memory available now) less :data:`MAIN_MIB`, over ``workers``."""
+    env = os.environ.get(MEMORY_ENV, "").strip()
+    try:
+        total = float(env) if env else None
+    except ValueError:
+        raise TubanError(f"{MEMORY_ENV}={env!r}: expected a number of MiB, e.g. 4000") from None
+    if total is None:
+        import psutil
+
+        total = psutil.virtual_memory().available / 2**20 / 2
+    return max(0.0, total - MAIN_MIB) / max(1, workers)
+
+
 def _context(preload: Iterable[str] = ()) -> Any:
     ctx = mp.get_context("forkserver")
     mods = sorted({"numpy", "scipy.ndimage", "rasterio", *preload})
