@@ -271,10 +271,12 @@ def _object_features(ev: dict[str, np.ndarray], masks: dict[str, np.ndarray], va
     # the surface, not its shadow: a new building's cast shadow changes too but tells nothing
     # of the material; where shadow is most of the seed (water, deep shade) all of it counts
     ba = ev.get("bright_after")
-    lit = seed if ba is None else seed.subset(~(seed.values(ba) < DARK))
-    use_lit = 2 * lit.count() >= seed.count()
+    if ba is not None:
+        lit = ~(seed.values(ba) < DARK)
+        use_lit = 2 * np.bincount(seed.lab[lit], minlength=n + 1) >= seed.count()
+        seed = seed.subset(lit | ~use_lit[seed.lab])
     for key in SPECTRAL_KEYS:
-        f[key] = np.where(use_lit, lit.means(ev.get(key)), seed.means(ev.get(key)))
+        f[key] = seed.means(ev.get(key))
     for role in RULE_ROLES:
         m = masks.get(role)
         f[f"f_{role}"] = (np.zeros(n + 1) if m is None
