@@ -247,6 +247,11 @@ class PairResult:
     detector: dict[str, Any] = field(default_factory=dict)
 
 
+def _round_up(n: int, m: int) -> int:
+    """The smallest multiple of ``m`` that is at least ``n``."""
+    return -(-n // m) * m
+
+
 def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Grid, *,
                 rules: dict[str, gpd.GeoDataFrame], detection: DetectionConfig,
                 categories: dict[str, CategoryConfig], block_size: int, change_path: Path,
@@ -275,8 +280,8 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
     # blocks start on the detector's lattice: each averages the cells and pools on the grid of a
     # whole-image pass (the building network's 2^4 poolings at its coarsest scale)
     m = block_multiple(det)
-    halo = -(-max(DEFAULT_HALO, int(getattr(det, "halo", 0))) // m) * m
-    block_size = -(-block_size // m) * m
+    halo = _round_up(max(DEFAULT_HALO, int(getattr(det, "halo", 0))), m)
+    block_size = _round_up(block_size, m)
     blocks = list(grid.blocks(block_size, halo=halo))
     parts: list[tuple[int, BlockPolygons]] = []
     excluded: Counter[str] = Counter()
