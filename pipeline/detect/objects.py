@@ -189,9 +189,7 @@ def object_features(lab: np.ndarray, n: int, raw: np.ndarray, threshold_raw: flo
     for nm in RING_DIFF:
         m_in = inside[nm] if nm in inside else mean(obj_feat(nm))
         cols.append(m_in - ring_mean(feat(nm, r_px), m_in))
-    out = np.stack(cols, 1).astype(np.float32)
-    np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    return out
+    return F.zero_nonfinite(np.stack(cols, 1).astype(np.float32))
 
 
 def object_truth(lab: np.ndarray, n: int, label: np.ndarray) -> tuple[np.ndarray, np.ndarray,
