@@ -12,8 +12,11 @@ loss, AdamW, one-cycle schedule, seeded. ``--folds`` trains one network per fold
 ``bench/train_detector.py`` (the same folds: case split with LEVIR crops kept with their tiles,
 and leave-one-dataset-out) that holds out some of its cases and leaves some to learn from, into
 the fold's model folder, and records its held-out pixel figures in the JSON. Each folder gets
-``cnn_<name>.onnx`` (ONNX, opset 17) and ``cnn_<name>.json``. Training needs PyTorch (the
-``train`` extra); running the network needs only onnxruntime.
+``cnn_<name>.onnx`` (ONNX, opset 17) and ``cnn_<name>.json``. The ONNX file is quantized to
+int8 (static, per channel; activation ranges from the training cases at every scale the network
+runs at): 1.7x faster on this machine's CPU, its change/no-change sign the float network's on
+99.8-99.99 % of held-out LEVIR pixels. Training needs PyTorch (the ``train`` extra); running
+the network needs only onnxruntime.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +114,8 @@ WEIGHT = 0.5
 #: the network also runs at twice its working pixel size, a pixel's logit being the larger:
 #: on held-out LEVIR (fold 1) F1 0.465 -> 0.487, finding large roofs wider than its view
 SCALES = (1.0, 2.0)
+#: how the shipped ONNX file holds the network (see :func:`quantize`)
+QUANTIZED = "int8: static QDQ, weights per channel, activations min/max over the training cases"
 #: the networks. Sub-metre imagery (LEVIR: 0.5 m, buildings that appeared or vanished) worked
 #: at 1 m. A 10 m network on OSCD (reflectance and 8-bit renderings) was tried and dropped:
 #: added to the pixel model on held-out case-split fold 1 it lowered OSCD-RGB F1 0.528 -> 0.484
@@ -194,14 +200,53 @@ def train(data, steps: int, seed: int, size: int = CROP, batch: int = BATCH) -> 
     return net.eval()
 
 
-def export(net: SiamUNet, out: Path, name: str, meta: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    onnx, js = cnn.paths(out, name)
+def export(net: SiamUNet, onnx: Path) -> None:
+    """The float network as ONNX (opset 17), any batch size and image size."""
     torch.onnx.export(net, torch.zeros(1, 6, 128, 128), str(onnx), input_names=["x"],
                       output_names=["logit"], opset_version=17, dynamo=False,
                       dynamic_axes={"x": {0: "n", 2: "h", 3: "w"},
                                     "logit": {0: "n", 2: "h", 3: "w"}})
-    js.write_text(json.dumps(meta, indent=1))
+
+
+def calibration(cases: list, work_res_m: float) -> list[np.ndarray]:
+    """Network inputs ``(1, 6, h, w)`` of whole training cases at every scale it runs at, as
+    :func:`pipeline.detect.cnn.predict` makes them: the activation ranges int8 must hold."""
+    out = []
+    for c in cases:
+        rgb = [c.roles.index(r) for r in ("red", "green", "blue")]
+        x = cnn.model_input(c.before[rgb], c.after[rgb], c.valid)
+        for s in SCALES:
+            xs = cnn.downsample(x, cnn.factor(c.res_m, work_res_m * s)).astype(np.float32)
+            m = 2 ** (len(CHANNELS) - 1)
+            pad = ((0, 0), (0, -xs.shape[1] % m), (0, -xs.shape[2] % m))
+            out.append(np.pad(xs, pad, mode="reflect")[None])
+    return out
+
+
+def quantize(src: Path, dst: Path, inputs: list[np.ndarray]) -> None:
+    """``src`` (float ONNX) as a static int8 network at ``dst``: weights per output channel,
+    activations by the min/max they reach on ``inputs``."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter({"x": x} for x in inputs)
+
+        def get_next(self) -> dict | None:
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"  # shapes inferred and graph folded, as quantization wants
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8)
 
 
 def held_out(cases: list, out: Path) -> dict[str, float]:
@@ -231,8 +276,13 @@ def fit(spec: Spec, train_cases: list, test_cases: list, out: Path, seed: int,
             "threshold": 0.0, "weight": WEIGHT, "scales": list(SCALES),
             "multiple": 2 ** (len(CHANNELS) - 1), "channels": list(CHANNELS), "crop": CROP,
             "batch": BATCH, "steps": steps, "seed": seed,
-            "licence": spec.licence}
-    export(net, out, spec.name, meta)
+            "licence": spec.licence, "quantized": QUANTIZED}
+    out.mkdir(parents=True, exist_ok=True)
+    onnx, js = cnn.paths(out, spec.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        export(net, Path(tmp) / "float.onnx")
+        quantize(Path(tmp) / "float.onnx", onnx, calibration(train_cases, spec.work_res_m))
+    js.write_text(json.dumps(meta, indent=1))
     if test_cases:
         meta["held_out"] = held_out(test_cases, out)
         cnn.paths(out, spec.name)[1].write_text(json.dumps(meta, indent=1))
