@@ -99,6 +99,12 @@ def default_workers() -> int:
 MEMORY_ENV = "TUBAN_MEMORY_MIB"
 #: what the main process keeps beside the workers (rule layers, patches, the models it loads)
 MAIN_MIB = 512.0
+#: a block worker's memory, measured with the learned detector (the heavier one) at 1 m: its
+#: libraries and models before any block (about 250 MiB), and per pixel of a block with its
+#: halo (features, the network's activations in onnxruntime's arena; 640² px: 527 MiB,
+#: 1152²: 1183 MiB); the spectral detector needs about a tenth of that per pixel
+WORKER_FIXED_MIB = 250.0
+WORKER_PX_BYTES = 750.0
 
 
 def worker_memory_mib(workers: int) -> float:
@@ -114,6 +120,13 @@ def worker_memory_mib(workers: int) -> float:
 
         total = psutil.virtual_memory().available / 2**20 / 2
     return max(0.0, total - MAIN_MIB) / max(1, workers)
+
+
+def worker_px(workers: int) -> float:
+    """Pixels of a block with its halo that each of ``workers`` local workers can hold in its
+    share of the memory (:func:`worker_memory_mib`, :data:`WORKER_FIXED_MIB`,
+    :data:`WORKER_PX_BYTES`)."""
+    return max(0.0, worker_memory_mib(workers) - WORKER_FIXED_MIB) * 2**20 / WORKER_PX_BYTES
 
 
 def _context(preload: Iterable[str] = ()) -> Any:

@@ -27,14 +27,6 @@ def norm_crs(crs: CRS | str | int | None, what: str = "input") -> CRS:
     return CRS.from_user_input(crs)
 
 
-#: a block worker's memory, measured with the learned detector (the heavier one) at 1 m: its
-#: libraries and models before any block (about 275 MiB), and per pixel of a block with its
-#: halo (features, the network's activations in onnxruntime's arena; 640² px: 790 MiB,
-#: 1152²: about 1.6 GiB); the spectral detector needs about a tenth of that per pixel
-WORKER_FIXED_MIB = 300.0
-WORKER_PX_BYTES = 1100.0
-
-
 @dataclass(frozen=True)
 class Block:
     """A block of the grid: ``core`` is what it owns, ``outer`` adds the halo for neighbourhoods."""
@@ -124,20 +116,18 @@ class Grid:
                 i += 1
 
     def auto_block_size(self, workers: int, *, largest: int | None = None,
-                        smallest: int = 256, worker_mib: float | None = None,
+                        smallest: int = 256, worker_px: float | None = None,
                         halo: int = 64) -> int:
         """Big blocks (the halo costs less) but at least two per worker when the scene allows,
         in multiples of 128 px; 768 px at most above 64 Mpx, to bound worker memory; and, given
-        ``worker_mib`` (each worker's share of the memory), no bigger than a block whose
-        worker fits in it (:data:`WORKER_FIXED_MIB` + :data:`WORKER_PX_BYTES` per pixel of the
-        block with its ``halo``)."""
+        ``worker_px`` (the pixels a worker's memory holds, :func:`pipeline.blocks.worker_px`),
+        no bigger than that with its ``halo``."""
         if largest is None:
             largest = 768 if self.height * self.width > 64e6 else 1024
         side = math.sqrt(self.height * self.width / max(1, 2 * workers))
         size = int(min(largest, max(smallest, 128 * math.ceil(side / 128))))
-        if worker_mib is not None:
-            px = max(0.0, (worker_mib - WORKER_FIXED_MIB) * 2**20 / WORKER_PX_BYTES)
-            fits = 128 * int((math.sqrt(px) - 2 * halo) // 128)
+        if worker_px is not None:
+            fits = 128 * int((math.sqrt(worker_px) - 2 * halo) // 128)
             size = max(smallest, min(size, fits))
         return size
 

@@ -24,7 +24,7 @@ from affine import Affine
 
 from . import __version__, align, export, ingest, persistence
 from .batch import PairResult, detect_pair
-from .blocks import close_dask_clients, default_workers, worker_memory_mib
+from .blocks import close_dask_clients, default_workers, worker_px
 from .chips import ChipSource
 from .config import PipelineConfig, config_from_dict, load_config
 from .errors import InputError, MissingFileError, OutputExistsError
@@ -156,7 +156,7 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
         n_workers = workers or cfg.workers or default_workers()
         # local workers share this machine's memory; Dask workers have their own
         block_size = cfg.block_size or grid.auto_block_size(
-            n_workers, worker_mib=None if scheduler else worker_memory_mib(n_workers))
+            n_workers, worker_px=None if scheduler else worker_px(n_workers))
 
         def detect(a: int, b: int, name: str) -> tuple[PairResult, gpd.GeoDataFrame]:
             res = detect_pair(sources[a], sources[b], grid, rules=rules,

@@ -50,18 +50,19 @@ def test_auto_block_size() -> None:
 
 def test_auto_block_size_fits_each_workers_memory() -> None:
     mid = Grid.from_bounds((0, 0, 4000, 4000), 1.0, "EPSG:32650")
-    assert mid.auto_block_size(2, worker_mib=5000) == 1024  # plenty: as without a budget
-    # 800 MiB a worker: (800 - 300) MiB at 1100 B/px holds 690² px with the halo -> 512
-    assert mid.auto_block_size(2, worker_mib=800) == 512
-    assert mid.auto_block_size(2, worker_mib=100) == 256  # never below the smallest
+    assert mid.auto_block_size(2, worker_px=5000**2) == 1024  # plenty: as without a budget
+    assert mid.auto_block_size(2, worker_px=690**2) == 512  # 690 - 2 * 64 halo -> 512
+    assert mid.auto_block_size(2, worker_px=0) == 256  # never below the smallest
 
 
 def test_worker_memory_from_the_environment(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from pipeline.blocks import MAIN_MIB, worker_memory_mib
+    from pipeline.blocks import MAIN_MIB, worker_memory_mib, worker_px
     from pipeline.errors import TubanError
 
     monkeypatch.setenv("TUBAN_MEMORY_MIB", "2512")
     assert worker_memory_mib(2) == (2512 - MAIN_MIB) / 2
+    # (1000 - 250) MiB a worker at 750 B/px: 1024² px with the halo
+    assert worker_px(2) == 1024**2
     monkeypatch.delenv("TUBAN_MEMORY_MIB")
     assert worker_memory_mib(2) > 0  # half of what is available now
     monkeypatch.setenv("TUBAN_MEMORY_MIB", "lots")
