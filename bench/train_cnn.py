@@ -212,13 +212,12 @@ def export(net: SiamUNet, onnx: Path) -> None:
 def calibration(cases: list, work_res_m: float) -> list[np.ndarray]:
     """Network inputs ``(1, 6, h, w)`` of whole training cases at every scale it runs at, as
     :func:`pipeline.detect.cnn.predict` makes them: the activation ranges int8 must hold."""
-    out = []
+    out, m = [], 2 ** (len(CHANNELS) - 1)  # inputs are padded to a multiple of the poolings
     for c in cases:
         rgb = [c.roles.index(r) for r in ("red", "green", "blue")]
         x = cnn.model_input(c.before[rgb], c.after[rgb], c.valid)
         for s in SCALES:
             xs = cnn.downsample(x, cnn.factor(c.res_m, work_res_m * s)).astype(np.float32)
-            m = 2 ** (len(CHANNELS) - 1)
             pad = ((0, 0), (0, -xs.shape[1] % m), (0, -xs.shape[2] % m))
             out.append(np.pad(xs, pad, mode="reflect")[None])
     return out
