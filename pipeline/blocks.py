@@ -129,6 +129,12 @@ def worker_px(workers: int) -> float:
     return max(0.0, worker_memory_mib(workers) - WORKER_FIXED_MIB) * 2**20 / WORKER_PX_BYTES
 
 
+def fit_workers(workers: int, min_px: float) -> int:
+    """The most local workers, up to ``workers``, each of which can hold a block of ``min_px``
+    pixels (halo included) in its share of the memory (:func:`worker_px`); 1 if none can."""
+    return next((n for n in range(workers, 1, -1) if worker_px(n) >= min_px), 1)
+
+
 def _context(preload: Iterable[str] = ()) -> Any:
     ctx = mp.get_context("forkserver")
     mods = sorted({"numpy", "scipy.ndimage", "rasterio", *preload})

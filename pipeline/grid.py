@@ -27,6 +27,11 @@ def norm_crs(crs: CRS | str | int | None, what: str = "input") -> CRS:
     return CRS.from_user_input(crs)
 
 
+#: the smallest block :meth:`Grid.auto_block_size` picks, and the halo it allows for (px)
+SMALLEST_BLOCK = 256
+BLOCK_HALO = 64
+
+
 @dataclass(frozen=True)
 class Block:
     """A block of the grid: ``core`` is what it owns, ``outer`` adds the halo for neighbourhoods."""
@@ -116,8 +121,8 @@ class Grid:
                 i += 1
 
     def auto_block_size(self, workers: int, *, largest: int | None = None,
-                        smallest: int = 256, worker_px: float | None = None,
-                        halo: int = 64) -> int:
+                        smallest: int = SMALLEST_BLOCK, worker_px: float | None = None,
+                        halo: int = BLOCK_HALO) -> int:
         """Big blocks (the halo costs less) but at least two per worker when the scene allows,
         in multiples of 128 px; 768 px at most above 64 Mpx, to bound worker memory; and, given
         ``worker_px`` (the pixels a worker's memory holds, :func:`pipeline.blocks.worker_px`),

@@ -24,11 +24,11 @@ from affine import Affine
 
 from . import __version__, align, export, ingest, persistence
 from .batch import PairResult, detect_pair
-from .blocks import close_dask_clients, default_workers, worker_px
+from .blocks import close_dask_clients, default_workers, fit_workers, worker_px
 from .chips import ChipSource
 from .config import PipelineConfig, config_from_dict, load_config
 from .errors import InputError, MissingFileError, OutputExistsError
-from .grid import Grid, norm_crs
+from .grid import BLOCK_HALO, SMALLEST_BLOCK, Grid, norm_crs
 from .patches import build_patches
 from .progress import Timings
 
@@ -154,17 +154,26 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
     hasher.shutdown(wait=False)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.work-", dir=out_dir.parent) as tmp:
         n_workers = workers or cfg.workers or default_workers()
-        # local workers share this machine's memory; Dask workers have their own
+        # local workers share this machine's memory (Dask workers have their own): unless the
+        # block size or the workers are set, as many workers as can hold the smallest block
+        fit = not (scheduler or cfg.block_size)
+        if fit and not (workers or cfg.workers):
+            few = fit_workers(n_workers, (SMALLEST_BLOCK + 2 * BLOCK_HALO) ** 2)
+            if few < n_workers:
+                log.info("memory for %d block workers, not %d (TUBAN_MEMORY_MIB, else half "
+                         "the memory available)", few, n_workers)
+            n_workers = few
         block_size = cfg.block_size or grid.auto_block_size(
-            n_workers, worker_px=None if scheduler else worker_px(n_workers))
+            n_workers, worker_px=worker_px(n_workers) if fit else None)
+        manifest["blocks"] = {"block_size": block_size,
+                              "workers": "dask" if scheduler else n_workers}
 
         def detect(a: int, b: int, name: str) -> tuple[PairResult, gpd.GeoDataFrame]:
             res = detect_pair(sources[a], sources[b], grid, rules=rules,
                               detection=cfg.detection, categories=dict(cfg.categories),
                               block_size=block_size, change_path=Path(tmp) / name,
                               resampling=cfg.align.resampling,
-                              workers=workers or cfg.workers, scheduler=scheduler,
-                              timings=timings)
+                              workers=n_workers, scheduler=scheduler, timings=timings)
             meta = _meta(sources[a], sources[b], grid, run_id)
             return res, build_patches(res.records, grid.crs, rules=rules, admin=admin,
                                       meta=meta)
@@ -181,7 +190,7 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
                              _meta(before, after, grid, run_id)["after_date"] or run_id)
         _finish(out_dir, change_tif, cfg=cfg, grid=grid, before=before, after=after,
                 pair=pair, patches=patches, timings=timings, manifest=manifest,
-                candidates=candidates, workers=workers or cfg.workers, scheduler=scheduler)
+                candidates=candidates, workers=n_workers, scheduler=scheduler)
     log.info("wrote %s", out_dir)
     return out_dir
 

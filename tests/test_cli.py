@@ -396,3 +396,24 @@ def test_compare_config_may_hold_only_detection(tmp_path: Path) -> None:
     res = tuban("compare", b, a, "-o", tmp_path / "bad", "--bands", bands, "--config", cfg)
     _assert_clean_failure(res, "strict.yaml", "min_confidence")
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_memory_budget_sets_workers_and_blocks(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``TUBAN_MEMORY_MIB=1000`` two workers do not fit (512 MiB for the main process,
+    250 MiB for each worker before any block): one worker runs blocks of 384 px, and run.json
+    says so. With plenty, every core works."""
+    from pipeline.blocks import default_workers
+
+    b, a = SAMPLE / "2024-03" / "scene.tif", SAMPLE / "2024-06" / "scene.tif"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("detection: {method: spectral}\n")
+    blocks = {}
+    for name, mib in (("tight", "1000"), ("plenty", "100000")):
+        monkeypatch.setenv("TUBAN_MEMORY_MIB", mib)
+        res = tuban("compare", b, a, "-o", tmp_path / name, "--bands",
+                    "blue=1,green=2,red=3,nir=4", "--config", cfg)
+        assert res.returncode == 0, res.stderr
+        blocks[name] = json.loads((tmp_path / name / "run.json").read_text())["blocks"]
+    assert blocks["tight"] == {"block_size": 384, "workers": 1}
+    assert blocks["plenty"]["workers"] == default_workers()

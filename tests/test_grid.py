@@ -68,3 +68,19 @@ def test_worker_memory_from_the_environment(monkeypatch) -> None:  # type: ignor
     monkeypatch.setenv("TUBAN_MEMORY_MIB", "lots")
     with pytest.raises(TubanError, match="TUBAN_MEMORY_MIB='lots': expected a number of MiB"):
         worker_memory_mib(2)
+
+
+def test_fewer_workers_when_the_memory_cannot_hold_them(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.blocks import fit_workers, worker_px
+
+    smallest = (256 + 2 * 64) ** 2
+    monkeypatch.setenv("TUBAN_MEMORY_MIB", "2512")
+    assert fit_workers(2, smallest) == 2
+    # 1000 MiB: (1000 - 512) / 2 is under a worker's fixed 250 MiB; one worker holds 577² px
+    monkeypatch.setenv("TUBAN_MEMORY_MIB", "1000")
+    assert worker_px(2) == 0 and fit_workers(2, smallest) == 1
+    assert fit_workers(4, smallest) == 1
+    monkeypatch.setenv("TUBAN_MEMORY_MIB", "4512")  # 1000 MiB for each of 4 workers
+    assert fit_workers(8, smallest) == 8 and fit_workers(8, 1024**2) == 4
+    monkeypatch.setenv("TUBAN_MEMORY_MIB", "100")  # nothing fits: still one worker
+    assert fit_workers(2, smallest) == 1
