@@ -245,6 +245,8 @@ class PairResult:
     params: align.AlignParams
     #: the detector and the model files it used (:func:`pipeline.detect.registry.describe`)
     detector: dict[str, Any] = field(default_factory=dict)
+    #: the blocks it ran: ``block_size`` and ``halo`` (px, on the detector's lattice), ``n``
+    blocks: dict[str, int] = field(default_factory=dict)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -316,4 +318,5 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
         mins = {k: c.min_area_m2 for k, c in categories.items()}
         records = to_map(joined, grid.transform, simplify_px=0.5, min_area_m2=mins)
     return PairResult(records, grid.height * grid.width, n_valid, dict(excluded), params,
-                      describe(det, params.roles, grid.res))
+                      describe(det, params.roles, grid.res),
+                      {"block_size": block_size, "halo": halo, "n": len(blocks)})

@@ -88,6 +88,7 @@ def _finish(out_dir: Path, change_tif: Path, *, cfg: PipelineConfig, grid: Grid,
         "observed_fraction": round(observed, 4),
         "not_observed_fraction": round(1 - observed, 4),
         "detector": pair.detector,
+        "blocks": {**pair.blocks, "workers": "dask" if scheduler else workers},
         "alignment": {"shift_px": [float(v) for v in pair.params.shift_px],
                       "gain": np.asarray(pair.params.gain, float).tolist(),
                       "offset": np.asarray(pair.params.offset, float).tolist(),
@@ -160,13 +161,11 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
         if fit and not (workers or cfg.workers):
             few = fit_workers(n_workers, (SMALLEST_BLOCK + 2 * BLOCK_HALO) ** 2)
             if few < n_workers:
-                log.info("memory for %d block workers, not %d (TUBAN_MEMORY_MIB, else half "
-                         "the memory available)", few, n_workers)
+                log.info("block workers: %d, not %d, to fit the memory (TUBAN_MEMORY_MIB, "
+                         "else half of what is available)", few, n_workers)
             n_workers = few
         block_size = cfg.block_size or grid.auto_block_size(
             n_workers, worker_px=worker_px(n_workers) if fit else None)
-        manifest["blocks"] = {"block_size": block_size,
-                              "workers": "dask" if scheduler else n_workers}
 
         def detect(a: int, b: int, name: str) -> tuple[PairResult, gpd.GeoDataFrame]:
             res = detect_pair(sources[a], sources[b], grid, rules=rules,

@@ -415,5 +415,6 @@ def test_a_memory_budget_sets_workers_and_blocks(tmp_path: Path,
                     "blue=1,green=2,red=3,nir=4", "--config", cfg)
         assert res.returncode == 0, res.stderr
         blocks[name] = json.loads((tmp_path / name / "run.json").read_text())["blocks"]
-    assert blocks["tight"] == {"block_size": 384, "workers": 1}
+    assert (blocks["tight"]["block_size"], blocks["tight"]["workers"]) == (384, 1)
+    assert blocks["tight"]["n"] == 9  # 1024² in 384 px blocks
     assert blocks["plenty"]["workers"] == default_workers()
