@@ -212,14 +212,13 @@ def export(net: SiamUNet, onnx: Path) -> None:
 def calibration(cases: list, work_res_m: float) -> list[np.ndarray]:
     """Network inputs ``(1, 6, h, w)`` of whole training cases at every scale it runs at, as
     :func:`pipeline.detect.cnn.predict` makes them: the activation ranges int8 must hold."""
-    out, m = [], 2 ** (len(CHANNELS) - 1)  # inputs are padded to a multiple of the poolings
+    out = []
     for c in cases:
         rgb = [c.roles.index(r) for r in ("red", "green", "blue")]
         x = cnn.model_input(c.before[rgb], c.after[rgb], c.valid)
         for s in SCALES:
             xs = cnn.downsample(x, cnn.factor(c.res_m, work_res_m * s)).astype(np.float32)
-            pad = ((0, 0), (0, -xs.shape[1] % m), (0, -xs.shape[2] % m))
-            out.append(np.pad(xs, pad, mode="reflect")[None])
+            out.append(cnn.pad_to(xs, 2 ** (len(CHANNELS) - 1))[None])
     return out
 
 
@@ -287,7 +286,7 @@ def fit(spec: Spec, train_cases: list, test_cases: list, out: Path, seed: int,
     js.write_text(json.dumps(meta, indent=1))
     if test_cases:
         meta["held_out"] = held_out(test_cases, out)
-        cnn.paths(out, spec.name)[1].write_text(json.dumps(meta, indent=1))
+        js.write_text(json.dumps(meta, indent=1))
         print(f"{out} {spec.name}: held out {meta['held_out']}", flush=True)
 
 

@@ -50,6 +50,15 @@ def model_input(before: np.ndarray, after: np.ndarray, valid: np.ndarray,
     return x
 
 
+def pad_to(x: np.ndarray, multiple: int) -> np.ndarray:
+    """``x`` padded (by reflection) at the bottom and right to a multiple of ``multiple`` in
+    its last two axes, as the network's poolings need."""
+    ph, pw = -x.shape[-2] % multiple, -x.shape[-1] % multiple
+    if not (ph or pw):
+        return x
+    return np.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, ph), (0, pw)], mode="reflect")
+
+
 @dataclass(frozen=True)
 class Net:
     """A loaded network: onnxruntime session, the pixel sizes it serves and how it runs."""
@@ -134,10 +143,7 @@ def predict(net: Net, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
     f = factor(res_m, net.work_res_m * scale)
     x = downsample(model_input(before, after, valid, stretch), f).astype(np.float32)
     h, w = x.shape[1:]
-    ph, pw = -h % net.multiple, -w % net.multiple
-    if ph or pw:
-        x = np.pad(x, ((0, 0), (0, ph), (0, pw)), mode="reflect")
-    out = net.session.run(None, {"x": x[None]})[0][0, 0, :h, :w]
+    out = net.session.run(None, {"x": pad_to(x, net.multiple)[None]})[0][0, 0, :h, :w]
     if f > 1:
         out = ndi.zoom(out, f, order=1, mode="nearest", grid_mode=True)
     H, W = valid.shape
