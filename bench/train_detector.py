@@ -1,9 +1,10 @@
 """Train the learned change detector's models (seeded, reproducible, 2 cores, a few minutes).
 
-    python bench/train_detector.py [--cases DIR] [--out pipeline/models] [--seed 0]
+    python bench/train_detector.py [--cases DIR] [--out pipeline/models] [--seed 0] [--sets rgb]
 
-For each feature set (``rgb``: every case; ``ms``: cases with a NIR band, with RGB-only cases
-contributing their RGB features and NIR features missing) it
+For each feature set of ``--sets`` (``rgb``, the default and the shipped one: every case;
+``ms``: cases with a NIR band, with RGB-only cases contributing their RGB features and NIR
+features missing) it
 
 1. computes the feature stack of every case (:mod:`pipeline.detect.features`) and samples
    labelled pixels, balanced per case (same number of change and no-change pixels) and weighted so
@@ -302,8 +303,11 @@ def _obj_scores(rows: list[dict], accepted: list[np.ndarray]) -> dict[str, dict[
     return out
 
 
-def train_objects(rows: list[dict], seed: int) -> lgb.Booster:
-    """Object model on ``rows`` (soft labels, pixel weights, datasets weighted equally)."""
+def train_objects(rows: list[dict], seed: int) -> lgb.Booster | None:
+    """Object model on ``rows`` (soft labels, pixel weights, datasets weighted equally); None
+    when they hold no object (nothing to learn: every object is then accepted)."""
+    if not any(len(r["x"]) for r in rows):
+        return None
     x = np.concatenate([r["x"] for r in rows])
     y = np.concatenate([r["ch"] / np.maximum(r["ch"] + r["no"], 1e-9) for r in rows])
     ds = np.concatenate([np.full(len(r["ch"]), r["ds"], object) for r in rows])
@@ -316,12 +320,15 @@ def train_objects(rows: list[dict], seed: int) -> lgb.Booster:
     return lgb.train({**OBJ_PARAMS, "seed": seed}, data, OBJ_ROUNDS)
 
 
-def _predict_rows(booster: lgb.Booster, rows: list[dict]) -> list[np.ndarray]:
+def _predict_rows(booster: lgb.Booster | None, rows: list[dict]) -> list[np.ndarray]:
+    if booster is None:  # no object model: the pixel decision stands
+        return [np.ones(len(r["x"])) for r in rows]
     return [booster.predict(r["x"], num_threads=2) if len(r["x"]) else np.zeros(0)
             for r in rows]
 
 
-def fit_object_model(rows: list[dict], seed: int) -> tuple[lgb.Booster, dict[str, float]]:
+def fit_object_model(rows: list[dict],
+                     seed: int) -> tuple[lgb.Booster | None, dict[str, float]]:
     """Object model on ``rows`` and its acceptance thresholds: ``"all"``, the macro-F1-best
     threshold on out-of-fold predictions (inner cross-validation over ``rows``' own folds) of
     every object, and one per resolution class whose objects come from at least
@@ -413,6 +420,9 @@ def ship_objects(out: Path, kind: str, entries: list | None, names: list[str], s
     if entries is None:
         return
     b, ts = fit_object_model(object_rows(entries, names), seed)
+    if b is None:
+        print(f"[{kind}] no candidate objects: no object model", flush=True)
+        return
     save_object_model(out, kind, b, ts, {
         "training_cases": meta["training_cases"],
         "trained_on": "case-split out-of-fold objects of every case, at the shipped pixel "
@@ -549,11 +559,12 @@ def run(kind: str, cases: list[Case], out: Path, seed: int, dump: Path | None = 
     return meta
 
 
-def save_fold_objects(d: Path, kind: str, model: tuple[lgb.Booster, dict[str, float]] | None,
-                      proto: str,
+def save_fold_objects(d: Path, kind: str,
+                      model: tuple[lgb.Booster | None, dict[str, float]] | None, proto: str,
                       test: list[Case]) -> None:
-    """Write (or, without the object stage, remove) a fold's object model."""
-    if model is None:
+    """Write (or, without the object stage or any object to learn from, remove) a fold's
+    object model."""
+    if model is None or model[0] is None:
         for stale in O.object_model_paths(kind, d):
             stale.unlink(missing_ok=True)
         return
@@ -588,7 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).resolve().parents[1] / "pipeline" / "models")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sets", default="rgb,ms")
+    ap.add_argument("--sets", default="rgb",
+                    help="feature sets, comma-separated: rgb (shipped), ms (RGB+NIR, not "
+                         "shipped: written into --out, it would take over RGB+NIR imagery)")
     ap.add_argument("--dump", type=Path, help="save out-of-fold score maps here (npz)")
     ap.add_argument("--objects", action=argparse.BooleanOptionalAction, default=OBJECT_STAGE,
                     help="also train the object stage (pipeline.detect.objects)")
