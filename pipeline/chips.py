@@ -2,8 +2,8 @@
 
 Each chip is a small window read through :func:`pipeline.align.read_aligned_block` (same shift
 and radiometry as detection) and stretched for display. Evidence for many patches is read,
-drawn and PNG-encoded in batches on the block workers (local processes or Dask) and handed
-back in the order asked for; the export stage writes the bytes.
+drawn and PNG-encoded (:mod:`pipeline.evidence`) in batches on the block workers (local
+processes or Dask) and handed back in the order asked for; the export stage writes the bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from rasterio.windows import Window
 
 from . import align, ingest
 from .blocks import default_workers, map_blocks
+from .evidence import render_all, stretch_rgb
 from .grid import Grid
 
 BBox = tuple[float, float, float, float]
@@ -38,8 +39,6 @@ class ChipJob:
 
 def read_pair(job: ChipJob, bounds: BBox) -> Pair:
     """Before and after RGB chips (``(h, w, 3)`` uint8) covering ``bounds`` (working CRS)."""
-    from .export import stretch_rgb
-
     inv = ~job.grid.transform
     c0, r0 = inv * (bounds[0], bounds[3])
     c1, r1 = inv * (bounds[2], bounds[1])
@@ -53,8 +52,6 @@ def read_pair(job: ChipJob, bounds: BBox) -> Pair:
 def _render_batch(job: ChipJob, item: tuple[int, list[tuple[dict, BBox]], int],
                   ) -> tuple[int, list[bytes | str]]:
     """One task: the evidence PNGs of a batch of ``(patch, bounds)``."""
-    from .export import render_all
-
     start, items, panel_px = item
     return start, list(render_all(items, panel_px, *_readers(job)))
 

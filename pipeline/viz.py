@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .errors import MissingFileError
-from .export import stretch_rgb
+from .evidence import stretch_rgb
 from .grid import Grid
 from .ingest import open_image, read_overview
 from .report import CATEGORY_COLORS

@@ -8,7 +8,7 @@ import numpy as np
 import shapely
 from PIL import Image
 
-from pipeline import align, export, ingest
+from pipeline import align, evidence, ingest
 from pipeline.chips import PARALLEL_MIN, ChipJob, ChipSource, read_pair
 
 
@@ -37,7 +37,7 @@ def test_parallel_chips_equal_sequential_reads_in_order(make_raster, texture) ->
     got = list(ChipSource(before, after, grid, params, workers=2).evidence(items, 64))
     assert len(got) == len(items)
     job = ChipJob(before, after, grid, params)
-    want = export.render_all(items, 64, lambda b: read_pair(job, b)[0],
+    want = evidence.render_all(items, 64, lambda b: read_pair(job, b)[0],
                              lambda b: read_pair(job, b)[1])
     for png, ref in zip(got, want, strict=True):
         assert png == ref  # byte for byte: same chips, same drawing, same order
