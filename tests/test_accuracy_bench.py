@@ -1,0 +1,52 @@
+"""bench/accuracy.py on cases the shipped models never saw: the shipped default alone, held
+out as it is, no fold model trained on the new cases, and the table says so."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lightgbm")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import accuracy as A  # noqa: E402
+from synthetic_cases import write_case  # noqa: E402
+
+
+def test_shipped_training_cases_are_known() -> None:
+    seen = A.shipped_training_cases()
+    assert "levir/test_7" in seen  # the pixel model's and the network's
+    assert "oscd/montpellier" in seen and "landsat/taizhou" in seen
+
+
+def test_titles_say_whether_figures_are_held_out() -> None:
+    assert A.shipped_title(0, 3, False).startswith("HELD OUT")
+    assert A.shipped_title(3, 3, False).startswith("TRAINING SET (NOT held out)")
+    assert "2 of 3" in A.shipped_title(2, 3, True) and "NOT held out" in A.shipped_title(2, 3, True)
+
+
+def test_unseen_cases_run_the_shipped_models_held_out(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # training fold models on new cases would also replace the cached ones of the real cases
+    monkeypatch.setattr(A, "fold_models", lambda *a, **k: pytest.fail("trained fold models"))
+    cases = tmp_path / "cases"
+    write_case(cases / "elsewhere" / "town", seed=5, res_m=10.0)
+    out = tmp_path / "acc.json"
+    assert A.main(["--cases", str(cases), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "HELD OUT: shipped models, `tuban compare`, on 1 case(s)" in printed
+    res = json.loads(out.read_text())
+    assert res["held_out"] == {} and res["training_set"] is None
+    assert res["headline"] == "shipped"
+    assert res["shipped"]["cases"] == 1 and res["shipped"]["cases_in_training"] == 0
+    row = res["shipped"]["table"]["elsewhere"]
+    # the shipped models' patches, scored: most planted roofs found, few false ones (this clean
+    # synthetic pair is easy for the textbook reference too, which is scored beside them)
+    assert row["recall"] > 0.5 and row["precision"] > 0.7
+    assert res["reference"]["elsewhere"]["f1"] > 0.9
