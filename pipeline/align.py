@@ -121,6 +121,15 @@ def _spread_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return g, float(y.mean() - g * x.mean())
 
 
+def rank_shift(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per pixel (columns of ``(bands, n)`` arrays), the largest change over bands of its rank
+    (as a fraction of ``n``) from ``x`` to ``y``."""
+    n = x.shape[1]
+    rx = np.argsort(np.argsort(x, axis=1, kind="stable"), axis=1, kind="stable")
+    ry = np.argsort(np.argsort(y, axis=1, kind="stable"), axis=1, kind="stable")
+    return np.abs(rx - ry).max(axis=0) / max(n - 1, 1)
+
+
 def estimate_radiometry(ref: np.ndarray, mov: np.ndarray, valid: np.ndarray,
                         max_change_frac: float = 0.3, *, max_samples: int = 100_000,
                         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +150,12 @@ def estimate_radiometry(ref: np.ndarray, mov: np.ndarray, valid: np.ndarray,
         idx = np.random.default_rng(seed).choice(idx, max_samples, replace=False)
     x = mov.reshape(nb, -1)[:, idx].astype("float64")
     y = ref.reshape(nb, -1)[:, idx].astype("float64")
-    keep = np.ones(idx.size, bool)
+    q = 1.0 - max_change_frac
+    # start from the pixels whose rank within each band moved least between the dates: blind
+    # to any monotonic radiometric change, it leaves out what changed before the first fit
+    # (a first fit on every pixel could settle on a wrong line: a small scene, 18 % new bright
+    # roofs on bimodal land, came out at gain 0.3 for 0.95)
+    keep = rank_shift(x, y) <= np.quantile(rank_shift(x, y), q)
     g, o = np.ones(nb), np.zeros(nb)
 
     def fit(k: np.ndarray) -> None:
@@ -156,7 +170,6 @@ def estimate_radiometry(ref: np.ndarray, mov: np.ndarray, valid: np.ndarray,
         return (((r - med[:, None]) / s[:, None]) ** 2).sum(axis=0)
 
     fit(keep)
-    q = 1.0 - max_change_frac
     for _ in range(20):
         d2 = dist2()
         new = d2 <= np.quantile(d2, q)
