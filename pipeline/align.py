@@ -135,10 +135,11 @@ def estimate_radiometry(ref: np.ndarray, mov: np.ndarray, valid: np.ndarray,
                         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Per-band ``gain``, ``offset`` with ``mov * gain + offset ≈ ref`` on invariant pixels.
 
-    Least-trimmed-squares style: fit a reduced-major-axis line per band, drop the
-    ``max_change_frac`` of pixels with the largest multivariate standardised residual, refit
-    until stable; finally keep every pixel within the 99 % chi² bound and refit. Recovers the
-    true relation when at most ``max_change_frac`` of the valid pixels changed.
+    Least-trimmed-squares style: fit a reduced-major-axis line per band to the pixels whose
+    ranks moved least (:func:`rank_shift`), drop the ``max_change_frac`` of pixels with the
+    largest multivariate standardised residual, refit until stable; finally keep every pixel
+    within the 99 % chi² bound and refit. Recovers the true relation when at most
+    ``max_change_frac`` of the valid pixels changed.
     """
     nb = ref.shape[0]
     ok = valid & np.isfinite(ref).all(axis=0) & np.isfinite(mov).all(axis=0)
@@ -155,7 +156,8 @@ def estimate_radiometry(ref: np.ndarray, mov: np.ndarray, valid: np.ndarray,
     # to any monotonic radiometric change, it leaves out what changed before the first fit
     # (a first fit on every pixel could settle on a wrong line: a small scene, 18 % new bright
     # roofs on bimodal land, came out at gain 0.3 for 0.95)
-    keep = rank_shift(x, y) <= np.quantile(rank_shift(x, y), q)
+    shift = rank_shift(x, y)
+    keep = shift <= np.quantile(shift, q)
     g, o = np.ones(nb), np.zeros(nb)
 
     def fit(k: np.ndarray) -> None:
