@@ -38,7 +38,7 @@ def test_parallel_chips_equal_sequential_reads_in_order(make_raster, texture) ->
     assert len(got) == len(items)
     job = ChipJob(before, after, grid, params)
     want = evidence.render_all(items, 64, lambda b: read_pair(job, b)[0],
-                             lambda b: read_pair(job, b)[1])
+                               lambda b: read_pair(job, b)[1])
     for png, ref in zip(got, want, strict=True):
         assert png == ref  # byte for byte: same chips, same drawing, same order
     # panels of 64 px keep each chip's aspect ratio: the heights differ, so order shows
