@@ -16,7 +16,8 @@ fold models: ``bench/train_detector.py --folds`` (same seeded recipe as the ship
 them under two protocols, leave-one-dataset-out (``lodo``, 4 models: the headline, a sensor the
 model never saw) and a 3-fold case split within each dataset with LEVIR crops kept with their
 tiles (``cases``), and each case runs through ``tuban compare`` with the model of the fold that
-did not see it (``TUBAN_MODEL_DIR``). Fold models are cached in ``bench/.cache/folds/`` under a
+did not see it (``TUBAN_MODEL_DIR``). Fold models are cached in ``bench/.cache/folds/`` (those of
+cases the shipped models never saw in ``bench/.cache/folds-<hash>/``) under a
 key of the training recipe (``train_detector.py``, ``features.py``, ``objects.py`` and
 ``learned.py`` sources, seed) and the case list; a rerun with the same key only runs the
 comparisons. The ``spectral`` run scores the rule-based spectral detector through
@@ -230,11 +231,24 @@ def recipe_key(case_dirs: list[Path], seed: int = SEED) -> str:
     return h.hexdigest()[:16]
 
 
-def fold_models(cases_root: Path, cache: Path = FOLD_CACHE,
+def fold_cache(case_dirs: list[Path]) -> Path:
+    """Where the fold models of these cases are cached: :data:`FOLD_CACHE` for the cases the
+    shipped models learned from (or some of them), a folder of their own for other cases, so
+    that training folds on new cases leaves the cached ones of the real cases alone."""
+    seen = shipped_training_cases()
+    if any(f"{d.parent.name}/{d.name}" in seen for d in case_dirs):
+        return FOLD_CACHE
+    names = "\n".join(f"{d.parent.name}/{d.name}" for d in case_dirs)
+    return FOLD_CACHE.with_name(f"folds-{hashlib.sha256(names.encode()).hexdigest()[:8]}")
+
+
+def fold_models(cases_root: Path, cache: Path | None = None,
                 protocols: tuple[str, ...] = PROTOCOLS) -> dict[str, dict[str, Path]]:
     """``{protocol: {"<dataset>/<case>": model folder that did not see it}}``, training the fold
-    models with ``bench/train_detector.py --folds`` when the cache lacks them for this key."""
+    models with ``bench/train_detector.py --folds`` when the cache (default
+    :func:`fold_cache`) lacks them for this key."""
     all_dirs = iter_case_dirs(cases_root)
+    cache = cache or fold_cache(all_dirs)
     key = recipe_key(all_dirs)
     stamp = cache / "recipe.json"
     try:

@@ -50,3 +50,13 @@ def test_unseen_cases_run_the_shipped_models_held_out(tmp_path: Path,
     # synthetic pair is easy for the textbook reference too, which is scored beside them)
     assert row["recall"] > 0.5 and row["precision"] > 0.7
     assert res["reference"]["elsewhere"]["f1"] > 0.9
+
+
+def test_fold_models_of_new_cases_are_cached_apart(tmp_path: Path) -> None:
+    """Training folds on new cases must not replace the cached folds of the real cases."""
+    real = [tmp_path / "levir" / "test_7", tmp_path / "oscd" / "montpellier"]
+    new = [tmp_path / "elsewhere" / "town"]
+    assert A.fold_cache(real) == A.FOLD_CACHE
+    assert A.fold_cache(new) != A.FOLD_CACHE
+    assert A.fold_cache(new).parent == A.FOLD_CACHE.parent
+    assert A.fold_cache(new) == A.fold_cache(list(new))  # stable for the same cases
