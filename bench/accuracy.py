@@ -235,8 +235,7 @@ def fold_cache(case_dirs: list[Path]) -> Path:
     """Where the fold models of these cases are cached: :data:`FOLD_CACHE` for the cases the
     shipped models learned from (or some of them), a folder of their own for other cases, so
     that training folds on new cases leaves the cached ones of the real cases alone."""
-    seen = shipped_training_cases()
-    if any(f"{d.parent.name}/{d.name}" in seen for d in case_dirs):
+    if cases_in_training(case_dirs):
         return FOLD_CACHE
     names = "\n".join(f"{d.parent.name}/{d.name}" for d in case_dirs)
     return FOLD_CACHE.with_name(f"folds-{hashlib.sha256(names.encode()).hexdigest()[:8]}")
@@ -346,6 +345,12 @@ def shipped_training_cases() -> set[str]:
     return out
 
 
+def cases_in_training(case_dirs: list[Path]) -> int:
+    """How many of these case folders a shipped model learned from."""
+    seen = shipped_training_cases()
+    return sum(f"{d.parent.name}/{d.name}" in seen for d in case_dirs)
+
+
 def shipped_title(n_seen: int, n: int, direct: bool) -> str:
     """Title of the shipped models' run: training-set figures when they learned from these
     cases, held out when they never saw any."""
@@ -390,8 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     if not dirs:
         print(f"no cases under {args.cases}", file=sys.stderr)
         return 2
-    seen = shipped_training_cases()
-    n_seen = sum(f"{d.parent.name}/{d.name}" in seen for d in dirs)
+    n_seen = cases_in_training(dirs)
     if args.protocols is None:
         args.protocols = ",".join(PROTOCOLS + UNTRAINED) if n_seen else ""
     protocols = () if args.direct else tuple(p for p in args.protocols.split(",") if p)

@@ -1,4 +1,5 @@
-"""bench/robustness.py: perturbed cases keep their place on the ground, so labels still fit."""
+"""bench/robustness.py: perturbed cases keep their place on the ground, so labels still fit; on
+cases no shipped model learned from, the shipped models run and nothing is trained."""
 
 from __future__ import annotations
 
@@ -58,3 +59,21 @@ def test_swapped_dates_trade_places(make_raster, tmp_path: Path) -> None:
     for date, other in (("before", "after"), ("after", "before")):
         with rasterio.open(out / f"{date}.tif") as b:
             np.testing.assert_array_equal(b.read(), imgs[other])
+
+
+def test_unseen_cases_run_the_shipped_models(tmp_path: Path, monkeypatch, capsys) -> None:
+    """On cases no shipped model learned from, the perturbed runs use the shipped models and
+    no fold model is trained."""
+    import robustness as R
+    from synthetic_cases import write_case
+
+    monkeypatch.setattr(R, "fold_models", lambda *a, **k: pytest.fail("trained fold models"))
+    write_case(tmp_path / "cases" / "elsewhere" / "town", seed=5, res_m=10.0)
+    out = tmp_path / "rob.json"
+    assert R.main(["--cases", str(tmp_path / "cases"), "--perturb", "noise_both",
+                   "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["protocol"] == "shipped"
+    assert "shipped models, cases they never saw" in capsys.readouterr().out
+    assert res["tables"]["none"]["elsewhere"]["recall"] > 0.5
+    assert set(res["tables"]) == {"none", "noise_both"}
