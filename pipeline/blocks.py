@@ -35,8 +35,13 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THRE
               "GDAL_CACHEMAX": "64"}
 
 
-#: modules the local workers import once, in the fork server (the block and chip tasks)
-PRELOAD = ("pipeline.batch", "pipeline.chips")
+#: environment variable that makes :mod:`pipeline.detect.gbm` import LightGBM without its
+#: scikit-learn layer: set by the ``tuban`` command and in the local workers' fork server
+LEAN_LIGHTGBM_ENV = "TUBAN_LIGHTGBM_WITHOUT_SKLEARN"
+
+#: modules the local workers import once, in the fork server (the block and chip tasks, and
+#: LightGBM, which each worker otherwise imported on its first block)
+PRELOAD = ("pipeline.batch", "pipeline.chips", "pipeline.detect.gbm")
 
 
 def _init_worker(job: Any, parent: int) -> None:
@@ -148,8 +153,10 @@ def warm_up(preload: Iterable[str] = ()) -> None:
     _context(preload)
     from multiprocessing import forkserver
 
-    saved = {k: os.environ.get(k) for k in WORKER_ENV}
-    os.environ.update({k: os.environ.get(k) or v for k, v in WORKER_ENV.items()})
+    # the fork server and its workers are tuban's own: LightGBM without scikit-learn there
+    env = {**WORKER_ENV, LEAN_LIGHTGBM_ENV: "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: os.environ.get(k) or v for k, v in env.items()})
     try:
         forkserver.ensure_running()
     finally:

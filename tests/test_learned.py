@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -228,3 +229,25 @@ def test_model_dir_env_selects_models(tmp_path, monkeypatch) -> None:
     assert learned.LearnedDetector(("red", "green", "blue"), 0.5).model_dir == tmp_path
     monkeypatch.delenv(learned.MODEL_DIR_ENV)
     assert learned.load_model("rgb").threshold_raw(30.0) != pytest.approx(0.123)
+
+
+@needs_lgb
+@pytest.mark.parametrize("lean", [True, False])
+def test_lightgbm_import_skips_sklearn_only_in_tubans_own_processes(lean: bool) -> None:
+    """``tuban`` and its local workers import LightGBM without scikit-learn (0.55 s each);
+    a process that did not ask for it (a notebook) gets the usual import."""
+    import subprocess
+
+    pytest.importorskip("sklearn")
+    from pipeline.blocks import LEAN_LIGHTGBM_ENV
+
+    code = ("import sys; from pipeline.detect.gbm import lgb; "
+            "print('sklearn' in sys.modules, lgb.compat.SKLEARN_INSTALLED); "
+            "import sklearn; print(sklearn.__name__)")
+    env = {k: v for k, v in os.environ.items() if k != LEAN_LIGHTGBM_ENV}
+    if lean:
+        env[LEAN_LIGHTGBM_ENV] = "1"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, check=True).stdout.split("\n")
+    assert out[0] == ("False False" if lean else "True True")
+    assert out[1] == "sklearn"  # still importable afterwards

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from .. import __version__
+from ..blocks import LEAN_LIGHTGBM_ENV
 from ..errors import TubanError, one_line
 
 
@@ -44,6 +45,9 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """tuban: satellite change detection for land and urban-management enforcement (图斑)."""
     # GDAL's default block cache (5 % of RAM per process) is what grows with scene size
     os.environ.setdefault("GDAL_CACHEMAX", "128")
+    # LightGBM without its scikit-learn layer in this process and its local workers (0.55 s
+    # each, see pipeline.detect.gbm); no user code runs here
+    os.environ.setdefault(LEAN_LIGHTGBM_ENV, "1")
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
     if quiet:

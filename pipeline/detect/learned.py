@@ -172,7 +172,7 @@ def load_model(kind: str, model_dir: Path | None = None) -> Model:
 
 @lru_cache(maxsize=8)
 def _load_model(kind: str, model_dir: Path) -> Model:
-    import lightgbm as lgb
+    from .gbm import lgb
 
     txt, js = model_paths(kind, model_dir)
     meta = json.loads(js.read_text())

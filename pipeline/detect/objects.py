@@ -250,7 +250,7 @@ def _load(kind: str, model_dir: Path) -> ObjectModel | None:
     txt, js = object_model_paths(kind, model_dir)
     if not (txt.exists() and js.exists()):
         return None
-    import lightgbm as lgb
+    from .gbm import lgb
 
     meta = json.loads(js.read_text())
     if tuple(meta["features"]) != tuple(feature_names()):
