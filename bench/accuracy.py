@@ -20,7 +20,9 @@ did not see it (``TUBAN_MODEL_DIR``). Fold models are cached in ``bench/.cache/f
 cases the shipped models never saw in ``bench/.cache/folds-<hash>/``) under a
 key of the training recipe (``train_detector.py``, ``features.py``, ``objects.py`` and
 ``learned.py`` sources, seed) and the case list; a rerun with the same key only runs the
-comparisons. The ``spectral`` run scores the rule-based spectral detector through
+comparisons, and with another key (any edit of those sources) the bench keeps the cached
+models and stops until ``--retrain`` says to replace them (the fold networks, under their own
+key, take 48 min). The ``spectral`` run scores the rule-based spectral detector through
 ``tuban compare`` (``detection.method: spectral``): untrained, so held out by construction. It
 was ``auto``'s pick for sub-metre RGB+NIR imagery (no labelled pair of which exists here) until
 this run showed it below the reference on every dataset; it now decides only inside forest,
@@ -241,25 +243,45 @@ def fold_cache(case_dirs: list[Path]) -> Path:
     return FOLD_CACHE.with_name(f"folds-{hashlib.sha256(names.encode()).hexdigest()[:8]}")
 
 
+class StaleFolds(RuntimeError):
+    """Cached fold models were made by another recipe; replacing them needs ``--retrain``."""
+
+
+def _stale(what: str, cache: Path, old: list[Path], key: str, minutes: str) -> StaleFolds:
+    return StaleFolds(
+        f"{cache}: the cached fold {what} ({len(old)} files) were made by another recipe than "
+        f"the sources' ({key}); rerun with --retrain to replace them (about {minutes} min), or "
+        "restore the sources they were made from")
+
+
+def _stamped_key(stamp: Path) -> str | None:
+    try:
+        return json.loads(stamp.read_text()).get("key")
+    except (OSError, ValueError):
+        return None
+
+
 def fold_models(cases_root: Path, cache: Path | None = None,
-                protocols: tuple[str, ...] = PROTOCOLS) -> dict[str, dict[str, Path]]:
+                protocols: tuple[str, ...] = PROTOCOLS,
+                retrain: bool = False) -> dict[str, dict[str, Path]]:
     """``{protocol: {"<dataset>/<case>": model folder that did not see it}}``, training the fold
     models with ``bench/train_detector.py --folds`` when the cache (default
-    :func:`fold_cache`) lacks them for this key."""
+    :func:`fold_cache`) lacks them for this key. Cached models of another key are replaced only
+    with ``retrain`` (else :class:`StaleFolds`): any edit of a hashed source changes the key,
+    and the fold networks take 48 min to train again."""
     all_dirs = iter_case_dirs(cases_root)
     cache = cache or fold_cache(all_dirs)
     key = recipe_key(all_dirs)
     stamp = cache / "recipe.json"
-    try:
-        ok = json.loads(stamp.read_text()).get("key") == key
-    except (OSError, ValueError):
-        ok = False
+    ok = _stamped_key(stamp) == key
+    old = [f for proto in PROTOCOLS for f in (cache / proto).glob("*/learned_*")]
+    if not ok and old and not retrain:
+        raise _stale("pixel models", cache, old, key, "10")
     if not ok:
         print(f"training fold models (recipe {key}) into {cache} ...", flush=True)
         stamp.unlink(missing_ok=True)
-        for proto in PROTOCOLS:
-            for old in (cache / proto).glob("*/learned_*"):
-                old.unlink()
+        for f in old:
+            f.unlink()
         cache.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, str(ROOT / "bench" / "train_detector.py"), "--cases",
                str(cases_root), "--sets", "rgb", "--seed", str(SEED),
@@ -268,7 +290,7 @@ def fold_models(cases_root: Path, cache: Path | None = None,
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
                            env={**os.environ, "OMP_NUM_THREADS": "2"})
         stamp.write_text(json.dumps({"key": key, "cases": str(cases_root)}))
-    fold_networks(cases_root, all_dirs, cache)
+    fold_networks(cases_root, all_dirs, cache, retrain)
     out: dict[str, dict[str, Path]] = {}
     for proto in protocols:
         m = out.setdefault(proto, {})
@@ -288,22 +310,24 @@ def network_key(case_dirs: list[Path], seed: int = SEED) -> str:
     return h.hexdigest()[:16]
 
 
-def fold_networks(cases_root: Path, all_dirs: list[Path], cache: Path) -> None:
+def fold_networks(cases_root: Path, all_dirs: list[Path], cache: Path,
+                  retrain: bool = False) -> None:
     """Case-split fold networks (``bench/train_cnn.py --folds``) beside the fold models, trained
-    when the cache lacks them for this key. Without PyTorch, stale ones are removed and the
+    when the cache lacks them for this key (cached ones of another key replaced only with
+    ``retrain``, else :class:`StaleFolds`). Without PyTorch, stale ones are removed and the
     held-out figures are those of the pixel models alone (said so). The leave-one-dataset-out
     folds get none: LEVIR is the only sub-metre data, so its fold has nothing to learn from, and
     the network does not run on the other datasets' pixel sizes."""
     key = network_key(all_dirs)
     stamp = cache / "network.json"
-    try:
-        if json.loads(stamp.read_text()).get("key") == key:
-            return
-    except (OSError, ValueError):
-        pass
+    if _stamped_key(stamp) == key:
+        return
+    old = list((cache / "cases").glob("*/cnn_*"))
+    if old and not retrain:
+        raise _stale("networks", cache, old, key, "48")
     stamp.unlink(missing_ok=True)
-    for old in (cache / "cases").glob("*/cnn_*"):
-        old.unlink()
+    for f in old:
+        f.unlink()
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -387,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"default {','.join(PROTOCOLS + UNTRAINED)} when the shipped models "
                          "learned from some of the cases, else none: the shipped models on "
                          "cases they never saw are held out as they are)")
+    ap.add_argument("--retrain", action="store_true",
+                    help="replace cached fold models made by another recipe (a hashed source "
+                         "changed); without it the bench stops and says so")
     ap.add_argument("--no-train-set", action="store_true",
                     help="skip the shipped models' run (training-set figures on their cases)")
     args = ap.parse_args(argv)
@@ -400,7 +427,11 @@ def main(argv: list[str] | None = None) -> int:
         args.protocols = ",".join(PROTOCOLS + UNTRAINED) if n_seen else ""
     protocols = () if args.direct else tuple(p for p in args.protocols.split(",") if p)
     trained = tuple(p for p in protocols if p not in UNTRAINED)
-    folds = fold_models(args.cases, protocols=trained) if trained else {}
+    try:
+        folds = fold_models(args.cases, protocols=trained, retrain=args.retrain) if trained else {}
+    except StaleFolds as err:
+        print(f"accuracy: {err}", file=sys.stderr)
+        return 2
     runs = ([] if args.no_train_set and protocols else ["train-set"]) + list(protocols)
     models = _shipped_models()
     picked: dict[str, str] = {}  # dataset -> detector `auto` uses for its bands and pixel size

@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from accuracy import (  # noqa: E402
     DEFAULT_CASES,
+    StaleFolds,
     _add,
     _scale,
     cases_in_training,
@@ -214,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated datasets")
     ap.add_argument("--perturb", default=",".join([*PERTURBATIONS, *RESAMPLE, "swap_dates"]))
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "robustness.json")
+    ap.add_argument("--retrain", action="store_true",
+                    help="replace cached fold models made by another recipe (see accuracy.py)")
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     names = ["none", *[p for p in args.perturb.split(",") if p]]
@@ -227,7 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cases_in_training(iter_case_dirs(args.cases)):
         protocol = "cases"
-        folds: dict[str, Path | None] = fold_models(args.cases, protocols=("cases",))["cases"]
+        try:
+            folds: dict[str, Path | None] = fold_models(
+                args.cases, protocols=("cases",), retrain=args.retrain)["cases"]
+        except StaleFolds as err:
+            print(f"robustness: {err}", file=sys.stderr)
+            return 2
     else:  # cases the shipped models never learned from: they are held out as they are
         protocol = "shipped"
         folds = {f"{d.parent.name}/{d.name}": None for d in dirs}

@@ -60,3 +60,27 @@ def test_fold_models_of_new_cases_are_cached_apart(tmp_path: Path) -> None:
     assert A.fold_cache(new) != A.FOLD_CACHE
     assert A.fold_cache(new).parent == A.FOLD_CACHE.parent
     assert A.fold_cache(new) == A.fold_cache(list(new))  # stable for the same cases
+
+
+def test_stale_fold_models_are_kept_until_asked(tmp_path: Path) -> None:
+    """An edit of a hashed source changes the recipe key; the cached fold models (and the fold
+    networks, 48 min to train) are then kept and the bench stops, unless told to retrain."""
+    cases = tmp_path / "cases"
+    write_case(cases / "elsewhere" / "town", seed=5, res_m=10.0)
+    dirs = A.iter_case_dirs(cases)
+    cache = tmp_path / "folds"
+    pixel = cache / "cases" / "0" / "learned_rgb.txt"
+    net = cache / "cases" / "0" / "cnn_rgb_1m.onnx"
+    for f in (pixel, net):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("made by an older recipe")
+    (cache / "recipe.json").write_text(json.dumps({"key": "older"}))
+    (cache / "network.json").write_text(json.dumps({"key": "older"}))
+    with pytest.raises(A.StaleFolds, match="--retrain"):
+        A.fold_models(cases, cache=cache)
+    assert pixel.exists() and net.exists()
+    # pixel models current, networks stale: the networks are kept too
+    (cache / "recipe.json").write_text(json.dumps({"key": A.recipe_key(dirs)}))
+    with pytest.raises(A.StaleFolds, match="networks"):
+        A.fold_models(cases, cache=cache)
+    assert pixel.exists() and net.exists()
