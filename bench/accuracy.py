@@ -117,6 +117,11 @@ def load_case(path: Path) -> Case:
                 np.nan_to_num(after), valid, label, roles, float(meta["gsd_m"]))
 
 
+def case_key(case_dir: Path) -> str:
+    """``"<dataset>/<case>"`` of a case folder, as the models' JSONs list their cases."""
+    return f"{case_dir.parent.name}/{case_dir.name}"
+
+
 def iter_case_dirs(root: Path, only: set[str] | None = None) -> list[Path]:
     """Case folders under ``root`` (``<dataset>/<case>/``), sorted."""
     return [p for p in sorted(root.glob("*/*/"))
@@ -229,7 +234,7 @@ def recipe_key(case_dirs: list[Path], seed: int = SEED) -> str:
               ROOT / "pipeline" / "detect" / "learned.py"):  # decide_raw, predict_map
         h.update(f.read_bytes())
     h.update(f"seed={seed};sets=rgb;".encode())
-    h.update("\n".join(f"{p.parent.name}/{p.name}" for p in case_dirs).encode())
+    h.update("\n".join(map(case_key, case_dirs)).encode())
     return h.hexdigest()[:16]
 
 
@@ -239,7 +244,7 @@ def fold_cache(case_dirs: list[Path]) -> Path:
     that training folds on new cases leaves the cached ones of the real cases alone."""
     if cases_in_training(case_dirs):
         return FOLD_CACHE
-    names = "\n".join(f"{d.parent.name}/{d.name}" for d in case_dirs)
+    names = "\n".join(map(case_key, case_dirs))
     return FOLD_CACHE.with_name(f"folds-{hashlib.sha256(names.encode()).hexdigest()[:8]}")
 
 
@@ -306,7 +311,7 @@ def network_key(case_dirs: list[Path], seed: int = SEED) -> str:
     for f in (ROOT / "bench" / "train_cnn.py", ROOT / "pipeline" / "detect" / "cnn.py"):
         h.update(f.read_bytes())
     h.update(f"seed={seed};".encode())
-    h.update("\n".join(f"{p.parent.name}/{p.name}" for p in case_dirs).encode())
+    h.update("\n".join(map(case_key, case_dirs)).encode())
     return h.hexdigest()[:16]
 
 
@@ -372,7 +377,7 @@ def shipped_training_cases() -> set[str]:
 def cases_in_training(case_dirs: list[Path]) -> int:
     """How many of these case folders a shipped model learned from."""
     seen = shipped_training_cases()
-    return sum(f"{d.parent.name}/{d.name}" in seen for d in case_dirs)
+    return sum(case_key(d) in seen for d in case_dirs)
 
 
 def shipped_title(n_seen: int, n: int, direct: bool) -> str:
@@ -495,16 +500,15 @@ def main(argv: list[str] | None = None) -> int:
             print(_table(tables[r], titles.get(r, r), ref_rows))
     print()
     print(_table(ref_rows, "reference (change vector + Otsu)"))
+    # on cases they never learned from, the shipped models' run is held out too
+    unseen = "train-set" in tables and not n_seen
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "mode": "direct" if args.direct else "compare", "cases": str(args.cases),
         "object_cover": OBJECT_COVER, "seconds": time.perf_counter() - t0,
-        "headline": HEADLINE if HEADLINE in tables else (
-            "shipped" if "train-set" in tables and not n_seen else None),
-        # on cases they never learned from, the shipped models' run is held out too
+        "headline": HEADLINE if HEADLINE in tables else ("shipped" if unseen else None),
         "held_out": {**{p: tables[p] for p in protocols},
-                     **({"shipped": tables["train-set"]}
-                        if "train-set" in tables and not n_seen else {})},
+                     **({"shipped": tables["train-set"]} if unseen else {})},
         # the shipped models' run under its old name; "shipped" says whether it is one
         "training_set": tables.get("train-set"),
         "shipped": {"table": tables.get("train-set"), "cases": len(dirs),

@@ -56,6 +56,7 @@ from accuracy import (  # noqa: E402
     StaleFolds,
     _add,
     _scale,
+    case_key,
     cases_in_training,
     counts,
     fold_models,
@@ -238,12 +239,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     else:  # cases the shipped models never learned from: they are held out as they are
         protocol = "shipped"
-        folds = {f"{d.parent.name}/{d.name}": None for d in dirs}
+        folds = {case_key(d): None for d in dirs}
     acc: dict[str, dict[str, dict[str, float]]] = {n: {} for n in names}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tuban-rob-") as tmp:
         for d in dirs:
-            key = f"{d.parent.name}/{d.name}"
+            key = case_key(d)
             with rasterio.open(d / "label.tif") as src:
                 label = src.read(1)
             line = f"{key:<32}"

@@ -123,7 +123,7 @@ def _spread_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 def rank_shift(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Per pixel (columns of ``(bands, n)`` arrays), the largest change over bands of its rank
-    (as a fraction of ``n``) from ``x`` to ``y``."""
+    from ``x`` to ``y``, from 0 (same rank in every band) to 1 (first to last)."""
     n = x.shape[1]
     rx = np.argsort(np.argsort(x, axis=1, kind="stable"), axis=1, kind="stable")
     ry = np.argsort(np.argsort(y, axis=1, kind="stable"), axis=1, kind="stable")
