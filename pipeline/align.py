@@ -12,7 +12,9 @@ after image at (col + dx, row + dy), which lines it up with the reference.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from rasterio.windows import Window
@@ -321,6 +323,33 @@ class AlignParams:
     #: the scene's medians of the learned detector's ``*_rel`` feature bases, on the same
     #: windows (set by :func:`pipeline.batch.detect_pair`; empty: each block uses its own)
     feature_medians: tuple[tuple[str, float], ...] = ()
+
+
+def params_record(params: AlignParams) -> dict[str, Any]:
+    """``params`` as plain JSON values (``run.json``'s ``alignment``)."""
+    return {"shift_px": [float(v) for v in params.shift_px],
+            "gain": np.asarray(params.gain, float).tolist(),
+            "offset": np.asarray(params.offset, float).tolist(),
+            "roles": list(params.roles),
+            "n_shift_windows": int(params.n_shift_windows),
+            "stretch_before": [[float(a), float(b)] for a, b in params.stretch_before],
+            "stretch_after": [[float(a), float(b)] for a, b in params.stretch_after],
+            # what the learned detector's *_rel features divide by, scene-wide
+            "feature_medians": {k: float(v) for k, v in params.feature_medians}}
+
+
+def params_from_record(rec: Mapping[str, Any]) -> AlignParams:
+    """The inverse of :func:`params_record` (fields a record lacks keep their defaults)."""
+    def pairs(key: str) -> tuple[tuple[float, float], ...]:
+        return tuple((float(a), float(b)) for a, b in rec.get(key) or ())
+
+    return AlignParams(tuple(float(v) for v in rec["shift_px"]),
+                       tuple(float(v) for v in rec["gain"]),
+                       tuple(float(v) for v in rec["offset"]), tuple(rec["roles"]),
+                       int(rec.get("n_shift_windows", 0)), pairs("stretch_before"),
+                       pairs("stretch_after"),
+                       tuple(sorted((k, float(v)) for k, v in
+                                    (rec.get("feature_medians") or {}).items())))
 
 
 def common_roles(before: ImageSource, after: ImageSource) -> tuple[str, ...]:

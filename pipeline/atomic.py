@@ -107,12 +107,21 @@ def _fsync_tree(root: Path) -> None:
         list(pool.map(_fsync_path, files))
 
 
-def _merge_tree(src: Path, dst: Path, last: Sequence[str]) -> None:
-    """Move every file under ``src`` into ``dst`` with ``os.replace``; ``last`` names go last."""
+def _merge_tree(src: Path, dst: Path, last: Sequence[str], replace: Sequence[str] = ()) -> None:
+    """Move every file under ``src`` into ``dst`` with ``os.replace``; ``last`` names go last.
+    Files of ``dst``'s ``replace`` subfolders that ``src`` does not have are removed, when
+    ``src`` has that subfolder, before the ``last`` files move."""
     files = sorted(p for p in src.rglob("*") if p.is_file() or p.is_symlink())
     files.sort(key=lambda p: p.relative_to(src).as_posix() in last)  # stable: keeps order
+    stale = [f for d in replace if (src / d).is_dir() and (dst / d).is_dir()
+             for f in (dst / d).rglob("*")
+             if (f.is_file() or f.is_symlink()) and not (src / f.relative_to(dst)).exists()]
     dirs: set[Path] = set()
     for f in files:
+        if stale and f.relative_to(src).as_posix() in last:
+            for old in stale:
+                old.unlink(missing_ok=True)
+            stale = []
         target = dst / f.relative_to(src)
         if target.parent not in dirs:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -120,12 +129,15 @@ def _merge_tree(src: Path, dst: Path, last: Sequence[str]) -> None:
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         os.replace(f, target)
+    for old in stale:  # no ``last`` file
+        old.unlink(missing_ok=True)
     for d in dirs | {dst}:
         _fsync_path(d)
 
 
 @contextlib.contextmanager
-def staging_dir(final_dir: str | Path, *, last: Sequence[str] = ("run.json",)) -> Iterator[Path]:
+def staging_dir(final_dir: str | Path, *, last: Sequence[str] = ("run.json",),
+                replace: Sequence[str] = ()) -> Iterator[Path]:
     """Yield a sibling staging folder whose files move into ``final_dir`` only on success.
 
     On success every file is flushed to disk and moved into ``final_dir``: a new
@@ -137,6 +149,8 @@ def staging_dir(final_dir: str | Path, *, last: Sequence[str] = ("run.json",)) -
     Args:
         final_dir: The output folder.
         last: Relative paths moved last (e.g. the manifest, whose presence marks completion).
+        replace: Subfolders whose earlier files go when the staging folder has the subfolder
+            (its content replaces theirs rather than merging).
 
     Yields:
         The staging folder ``<final_dir>.partial-<random>``.
@@ -156,7 +170,7 @@ def staging_dir(final_dir: str | Path, *, last: Sequence[str] = ("run.json",)) -
             except OSError:
                 pass  # created meanwhile: merge into it
         final_dir.mkdir(exist_ok=True)
-        _merge_tree(stage, final_dir, last)
+        _merge_tree(stage, final_dir, last, replace)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

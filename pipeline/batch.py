@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +21,7 @@ import numpy as np
 import rasterio
 import shapely
 from affine import Affine
+from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from . import align, classify, ingest
@@ -26,13 +29,16 @@ from .blocks import PRELOAD, default_workers, map_blocks, warm_up
 from .config import CategoryConfig, DetectionConfig
 from .detect.features import halo_px
 from .detect.registry import (
+    DECISIONS,
     block_multiple,
     describe,
+    evidence_of,
     get_detector,
     scene_samples,
     takes_scene_samples,
     work_factor,
 )
+from .errors import InputError
 from .grid import Block, Grid
 from .progress import Progress
 from .types import NO_CHANGE, NOT_OBSERVED
@@ -64,6 +70,9 @@ class BlockJob:
     detection: DetectionConfig
     categories: dict[str, CategoryConfig]
     resampling: str = "bilinear"
+    #: change scores stored by an earlier pass (:func:`scores_profile`): classify them again
+    #: instead of running the detector's decisions (``tuban classify RUN_DIR``)
+    scores: str | None = None
 
 
 @dataclass
@@ -72,6 +81,10 @@ class BlockResult:
     polygons: BlockPolygons
     n_valid: int
     excluded: dict[str, int] = field(default_factory=dict)
+    #: the core's change scores as stored (:func:`stored_scores`), sparse: the flat indices
+    #: of the pixels where one is above 0 and their values ``(2, n)`` (the block's result
+    #: stays about a byte per pixel)
+    scores: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @lru_cache(maxsize=4)
@@ -113,7 +126,12 @@ def process_block(job: BlockJob, block: Block) -> BlockResult:
         cloud_mask=job.detection.cloud_mask)
     res = job.grid.res
     roles = job.params.roles
-    evidence = _job_detector(job)(before, after, valid, roles, res)
+    det = _job_detector(job)
+    if job.scores is None:
+        evidence = det(before, after, valid, roles, res)
+    else:  # a replay: the decisions as stored, the rest of the evidence computed again
+        evidence = {**evidence_of(det, before, after, valid, roles, res),
+                    **read_scores(job.scores, block.outer)}
     del before, after  # the block's imagery is not needed past the detector
     outer_grid = job.grid.subgrid(block.outer)
     masks = classify.rasterize_rules(_rules_for(job.rules, outer_grid), outer_grid)
@@ -127,7 +145,46 @@ def process_block(job: BlockJob, block: Block) -> BlockResult:
     parcel = masks.get(classify.PARCEL_KEY)
     polys = block_polygons(cat_core, block.core, job.grid.shape, ev_core,
                            None if parcel is None else parcel[core] > 0)
-    return BlockResult(cat_core, polys, int(valid[core].sum()), dict(excluded))
+    scores = None
+    if job.scores is None:
+        dense = stored_scores(evidence, core).reshape(len(DECISIONS), -1)
+        idx = np.flatnonzero(dense.any(axis=0)).astype(np.int32)
+        scores = (idx, dense[:, idx])
+    return BlockResult(cat_core, polys, int(valid[core].sum()), dict(excluded), scores)
+
+
+def stored_scores(evidence: dict[str, np.ndarray],
+                  core: tuple[slice, slice]) -> np.ndarray:
+    """The decisions of a detector's ``evidence`` (:data:`DECISIONS`) on ``core``, as
+    stored for a replay: 0 below :data:`classify.P_GROW`, which classify never reads (its
+    objects are the hysteresis above it), so the stored layers are sparse and a replay
+    classifies the same scores. ``change_any`` is ``change`` where a detector has none."""
+    change = evidence["change"][core]
+    any_ = evidence.get("change_any")
+    out = np.stack([change, change if any_ is None else any_[core]]).astype(np.float32)
+    out[~(out >= classify.P_GROW)] = 0.0  # NaN too
+    return out
+
+
+def scores_profile(grid: Grid) -> dict[str, Any]:
+    """Tiled GeoTIFF of :func:`stored_scores` on ``grid`` (float32, two bands)."""
+    return {**change_profile(grid), "count": len(DECISIONS), "dtype": "float32",
+            "nodata": None, "predictor": 3}
+
+
+def read_scores(path: str | Path, window: Window) -> dict[str, np.ndarray]:
+    """The stored decisions on ``window`` (:func:`stored_scores`), by layer name."""
+    try:
+        with rasterio.open(path) as src:
+            data = src.read(window=window)
+            names = src.descriptions
+    except RasterioError as err:
+        raise InputError(f"{path}: stored change scores unreadable ({err}); rerun the "
+                         "detect stage (tuban detect RUN_DIR)") from None
+    if tuple(names) != DECISIONS:
+        raise InputError(f"{path}: not a tuban change-score raster (bands {names}); rerun "
+                         "the detect stage (tuban detect RUN_DIR)")
+    return dict(zip(DECISIONS, data, strict=True))
 
 
 #: the scene medians sample every ``MEDIAN_STEP``-th row and column of the grid, on the whole
@@ -249,6 +306,16 @@ class PairResult:
     blocks: dict[str, int] = field(default_factory=dict)
 
 
+@contextmanager
+def _scores_writer(path: Path | None, grid: Grid) -> Iterator[Any]:
+    if path is None:
+        yield None
+        return
+    with rasterio.open(path, "w", **scores_profile(grid)) as dst:
+        dst.descriptions = DECISIONS
+        yield dst
+
+
 def _round_up(n: int, m: int) -> int:
     """The smallest multiple of ``m`` that is at least ``n``."""
     return -(-n // m) * m
@@ -258,8 +325,15 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
                 rules: dict[str, gpd.GeoDataFrame], detection: DetectionConfig,
                 categories: dict[str, CategoryConfig], block_size: int, change_path: Path,
                 resampling: str = "bilinear", workers: int | None = None,
-                scheduler: str | None = None, timings: Any = None) -> PairResult:
-    """Block pass over ``grid``: writes ``change_path`` and returns the patch records."""
+                scheduler: str | None = None, timings: Any = None,
+                params: align.AlignParams | None = None, scores_out: Path | None = None,
+                scores_in: Path | None = None) -> PairResult:
+    """Block pass over ``grid``: writes ``change_path`` and returns the patch records.
+
+    Given ``params`` (an earlier pass's alignment) it is not estimated again. The detector's
+    decisions are written to ``scores_out`` (:func:`scores_profile`), or with ``scores_in``
+    read from there instead of decided again (the rest of the evidence is computed again).
+    """
     from contextlib import nullcontext
 
     stage = timings.stage if timings is not None else (lambda _n: nullcontext())
@@ -268,15 +342,18 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
     if pool:
         warm_up(PRELOAD)  # worker start-up (imports) overlaps the alignment
     with stage("align"):
-        # on the workers only when they are there for the blocks anyway
-        params = align.fit_alignment(before, after, grid, coregister=detection.coregister,
-                                     normalize=detection.normalize,
-                                     max_shift_px=detection.max_shift_px,
-                                     workers=n_workers if pool else 1, scheduler=scheduler)
+        if params is None:
+            # on the workers only when they are there for the blocks anyway
+            params = align.fit_alignment(before, after, grid, coregister=detection.coregister,
+                                         normalize=detection.normalize,
+                                         max_shift_px=detection.max_shift_px,
+                                         workers=n_workers if pool else 1, scheduler=scheduler)
         log.info("alignment: shift %s px, gain %s", params.shift_px,
                  np.round(np.asarray(params.gain), 3).tolist())
-        job = BlockJob(before, after, grid, params, rules, detection, categories, resampling)
-        params = with_scene_medians(job)
+        job = BlockJob(before, after, grid, params, rules, detection, categories, resampling,
+                       None if scores_in is None else str(scores_in))
+        if not params.feature_medians:
+            params = with_scene_medians(job)
     job = replace(job, params=params)
     det = _job_detector(job)
     # blocks start on the detector's lattice: each averages the cells and pools on the grid of a
@@ -290,12 +367,17 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
     n_valid = 0
     with stage("detect"):
         progress = Progress("detect", len(blocks))
-        with rasterio.open(change_path, "w", **change_profile(grid)) as dst:
+        with (rasterio.open(change_path, "w", **change_profile(grid)) as dst,
+              _scores_writer(scores_out, grid) as sdst):
             runs = _runs(blocks)
             for run, results in map_blocks(process_run, job, runs, workers=workers,
                                            scheduler=scheduler):
                 for block, res in zip(run, results, strict=True):
                     dst.write(res.category, 1, window=block.core)
+                    if sdst is not None and res.scores is not None:
+                        dense = np.zeros((len(DECISIONS), res.category.size), np.float32)
+                        dense[:, res.scores[0]] = res.scores[1]
+                        sdst.write(dense.reshape(-1, *res.category.shape), window=block.core)
                     parts.append((block.index, res.polygons))
                     excluded.update(res.excluded)
                     n_valid += res.n_valid

@@ -15,6 +15,7 @@ import gc
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
 import warnings
@@ -424,7 +425,8 @@ def export_all(outdir: str | Path, patches: gpd.GeoDataFrame, *,
                evidence: EvidenceRenderer | None = None,
                config: PipelineConfig | None = None,
                extent: BBox | None = None,
-               cog_blocksize: int = 512) -> dict[str, Path]:
+               cog_blocksize: int = 512,
+               checkpoints: Mapping[str, Path] | None = None) -> dict[str, Path]:
     """Write every output of a run into ``outdir`` (all or nothing).
 
     Args:
@@ -442,6 +444,8 @@ def export_all(outdir: str | Path, patches: gpd.GeoDataFrame, *,
         config: Supplies category priorities, output switches, chip size and the title.
         extent: Scene extent in the working CRS for the report map (default: change_tif's).
         cog_blocksize: COG tile size.
+        checkpoints: Relative path -> file: moved into ``outdir`` with the outputs (what the
+            stage commands read again, e.g. ``work/scores-0-1.tif``).
 
     Returns:
         Output name -> final path (``geojson``, ``gpkg``, ``tasks``, ``manifest`` and, when
@@ -454,7 +458,8 @@ def export_all(outdir: str | Path, patches: gpd.GeoDataFrame, *,
     run_id = str(manifest.get("run_id") or _first(patches, "run_id") or outdir.name)
     patches = _ensure_ids(patches.reset_index(drop=True), run_id)
     rel: dict[str, str] = {}
-    with staging_dir(outdir) as stage, ThreadPoolExecutor(1) as bg:
+    # a rerun replaces the evidence of patches it no longer has
+    with staging_dir(outdir, replace=("evidence",)) as stage, ThreadPoolExecutor(1) as bg:
         # the COG (GDAL, outside the GIL) is written while the evidence is made
         cog = (bg.submit(write_cog, change_tif, stage / "change.tif", blocksize=cog_blocksize)
                if change_tif is not None else None)
@@ -486,6 +491,9 @@ def export_all(outdir: str | Path, patches: gpd.GeoDataFrame, *,
             meta = _report_meta(patches, manifest, config, extent, run_id)
             write_report(patches, fc, meta, stage / "report.html")
             rel["report"] = "report.html"
+        for name, src in (checkpoints or {}).items():
+            (stage / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(src, stage / name)
         rel["manifest"] = "run.json"
         man = dict(manifest)
         man.setdefault("run_id", run_id)

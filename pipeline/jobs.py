@@ -14,7 +14,7 @@ import secrets
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ def _inputs_manifest(sources: list[ingest.ImageSource], layers: dict[str, Path]
 def _finish(out_dir: Path, change_tif: Path, *, cfg: PipelineConfig, grid: Grid,
             before: ingest.ImageSource, after: ingest.ImageSource, pair: PairResult,
             patches: gpd.GeoDataFrame, timings: Timings, manifest: dict[str, Any],
-            candidates: gpd.GeoDataFrame | None = None, workers: int | None = None,
+            checkpoints: dict[str, Path] | None = None, workers: int | None = None,
             scheduler: str | None = None) -> None:
     """Hand everything to export, the only writer of results."""
     chips = ChipSource(before, after, grid, pair.params, workers=workers, scheduler=scheduler)
@@ -89,20 +89,13 @@ def _finish(out_dir: Path, change_tif: Path, *, cfg: PipelineConfig, grid: Grid,
         "not_observed_fraction": round(1 - observed, 4),
         "detector": pair.detector,
         "blocks": {**pair.blocks, "workers": "dask" if scheduler else workers},
-        "alignment": {"shift_px": [float(v) for v in pair.params.shift_px],
-                      "gain": np.asarray(pair.params.gain, float).tolist(),
-                      "offset": np.asarray(pair.params.offset, float).tolist(),
-                      "roles": list(pair.params.roles),
-                      "n_shift_windows": int(pair.params.n_shift_windows),
-                      # what the learned detector's *_rel features divide by, scene-wide
-                      "feature_medians": dict(pair.params.feature_medians)},
+        "alignment": align.params_record(pair.params),
     })
     with timings.stage("export"):
         manifest["timings_s"] = timings
         export.export_all(out_dir, patches, manifest=manifest, change_tif=change_tif,
-                          evidence=chips.evidence, config=cfg, extent=grid.bounds)
-    if candidates is not None:  # checkpoint for `tuban track RUN_DIR`
-        export.write_gpkg(candidates, out_dir / WORK / "candidates.gpkg")
+                          evidence=chips.evidence, config=cfg, extent=grid.bounds,
+                          checkpoints=checkpoints)
 
 
 def _iso(date: dt.date | None) -> str | None:
@@ -115,19 +108,55 @@ def _meta(before: ingest.ImageSource, after: ingest.ImageSource, grid: Grid,
             "sensor": after.sensor, "resolution_m": grid.res, "run_id": run_id}
 
 
+@dataclass(frozen=True)
+class Reuse:
+    """What a stage rerun keeps of a finished run, per pair (:func:`pair_key`): the alignment
+    (``tuban detect``) and the detector's stored decisions (``tuban classify``)."""
+
+    params: dict[str, align.AlignParams]
+    scores: dict[str, Path] = field(default_factory=dict)
+
+
+def pair_key(a: int, b: int) -> str:
+    """A compared pair of a run, by the indices of its periods in the config."""
+    return f"{a}-{b}"
+
+
+def scores_name(a: int, b: int) -> str:
+    """Where a run keeps a pair's stored decisions (:func:`pipeline.batch.stored_scores`)."""
+    return f"{WORK}/scores-{pair_key(a, b)}.tif"
+
+
+def report_pairs(n_sources: int, persist_periods: int,
+                 ) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
+    """The pair a run reports and the spans that confirm it: the last pair, or with
+    ``persist_periods = n > 1`` the pair (L-n, L-n+1) whose change is still there n-1
+    periods later, compared directly with each later period."""
+    last, n = n_sources - 1, persist_periods
+    if n > 1 and last >= n:
+        k = last - n
+        return (k, k + 1), tuple((k, k + m) for m in range(2, n + 1))
+    return (last - 1, last), ()
+
+
 def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: Path, *,
               run_id: str, scheduler: str | None, workers: int | None,
               register: Path | None, timings: Timings, extra: dict[str, Any],
               report: tuple[int, int] | None = None,
-              spans: tuple[tuple[int, int], ...] = ()) -> Path:
+              spans: tuple[tuple[int, int], ...] = (), reuse: Reuse | None = None,
+              expect: dict[str, Any] | None = None) -> Path:
     """Detect ``report`` (default: the last two sources), confirm it with ``spans``
-    (comparisons of its before-period with later periods), track and export."""
+    (comparisons of its before-period with later periods), track and export. ``reuse``:
+    what a stage rerun keeps; ``expect``: its ``run.json``, whose grid and imagery must be
+    those of this pass."""
     k, j = report or (len(sources) - 2, len(sources) - 1)
     before, after = sources[k], sources[j]
     used = sorted({k, j, *(i for sp in spans for i in sp)})
     with timings.stage("ingest"):
         grid = ingest.working_grid([sources[i] for i in used], crs=cfg.crs,
                                    resolution=cfg.resolution, bounds=cfg.bounds)
+        if expect is not None:
+            _same_grid(grid, expect, out_dir)
         rules = ingest.load_rules(cfg, grid)
         admin = ingest.load_admin(cfg, grid) if cfg.admin else None
     layer_paths = {r: cfg.path(c.path) for r, c in cfg.rules.items()}
@@ -153,6 +182,8 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
     hasher = ThreadPoolExecutor(1)
     inputs = hasher.submit(_inputs_manifest, [sources[i] for i in used], layer_paths)
     hasher.shutdown(wait=False)
+    if expect is not None and reuse is not None:  # before any work that would be wasted
+        _same_imagery(inputs.result(), expect, out_dir)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.work-", dir=out_dir.parent) as tmp:
         n_workers = workers or cfg.workers or default_workers()
         # local workers share this machine's memory (Dask workers have their own): unless the
@@ -167,12 +198,25 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
         block_size = cfg.block_size or grid.auto_block_size(
             n_workers, worker_px=worker_px(n_workers) if fit else None)
 
+        checkpoints: dict[str, Path] = {}
+        pairs: dict[str, Any] = {}
+
         def detect(a: int, b: int, name: str) -> tuple[PairResult, gpd.GeoDataFrame]:
+            key = pair_key(a, b)
+            replay = reuse.scores.get(key) if reuse else None
+            scores = None if replay else Path(tmp) / f"scores-{key}.tif"
             res = detect_pair(sources[a], sources[b], grid, rules=rules,
                               detection=cfg.detection, categories=dict(cfg.categories),
                               block_size=block_size, change_path=Path(tmp) / name,
                               resampling=cfg.align.resampling,
-                              workers=n_workers, scheduler=scheduler, timings=timings)
+                              workers=n_workers, scheduler=scheduler, timings=timings,
+                              params=reuse.params.get(key) if reuse else None,
+                              scores_out=scores, scores_in=replay)
+            if scores is not None:
+                checkpoints[scores_name(a, b)] = scores
+            pairs[key] = {"before": sources[a].name, "after": sources[b].name,
+                          "alignment": align.params_record(res.params),
+                          "scores": scores_name(a, b)}
             meta = _meta(sources[a], sources[b], grid, run_id)
             return res, build_patches(res.records, grid.crs, rules=rules, admin=admin,
                                       meta=meta)
@@ -182,14 +226,17 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
         if spans:
             patches = _confirm(patches, {sp: detect(*sp, f"span-{sp[0]}-{sp[1]}.tif")[1]
                                          for sp in spans}, (k, j), sources, cfg, manifest)
-        candidates = patches
+        manifest["pairs"] = pairs
+        # checkpoint for `tuban track RUN_DIR`
+        checkpoints[f"{WORK}/candidates.gpkg"] = Path(tmp) / "candidates.gpkg"
+        export.write_gpkg(patches, checkpoints[f"{WORK}/candidates.gpkg"])
         manifest["inputs"] = inputs.result()
         with timings.stage("track"):
             patches = _track(patches, register, run_id,
                              _meta(before, after, grid, run_id)["after_date"] or run_id)
         _finish(out_dir, change_tif, cfg=cfg, grid=grid, before=before, after=after,
                 pair=pair, patches=patches, timings=timings, manifest=manifest,
-                candidates=candidates, workers=n_workers, scheduler=scheduler)
+                checkpoints=checkpoints, workers=n_workers, scheduler=scheduler)
     log.info("wrote %s", out_dir)
     return out_dir
 
@@ -242,14 +289,7 @@ def run(config: str | Path, *, scheduler: str | None = None, workers: int | None
     timings = Timings()
     with timings.stage("ingest"):
         sources = [ingest.open_period(p, cfg.base_dir) for p in cfg.periods]
-    # persistence: report the latest pair that later periods can confirm, (L-n, L-n+1),
-    # confirmed by comparing its before-period directly with each later period
-    last, n = len(sources) - 1, cfg.detection.persist_periods
-    if n > 1 and last >= n:
-        k = last - n
-        report, spans = (k, k + 1), tuple((k, k + m) for m in range(2, n + 1))
-    else:
-        report, spans = (last - 1, last), ()
+    report, spans = report_pairs(len(sources), cfg.detection.persist_periods)
     after = sources[report[1]]
     run_id = run_id or new_run_id(cfg.name, after.name)
     out_dir = cfg.path(cfg.output.dir) / run_id
@@ -370,9 +410,7 @@ def load_finished(run_dir: str | Path) -> FinishedRun:
     after = ingest.open_period(by_name[man["periods"]["after"]["name"]], cfg.base_dir)
     g = man["grid"]
     grid = Grid(tuple(g["shape"]), Affine(*g["transform"]), norm_crs(g["wkt"]))
-    a = man["alignment"]
-    params = align.AlignParams(tuple(a["shift_px"]), tuple(a["gain"]), tuple(a["offset"]),
-                               tuple(a["roles"]), int(a.get("n_shift_windows", 0)))
+    params = align.params_from_record(man["alignment"])
     return FinishedRun(d, man, cfg, before, after, grid, params)
 
 
@@ -390,6 +428,96 @@ def _reexport(run: FinishedRun, patches: gpd.GeoDataFrame, stage: str) -> Path:
                               manifest=manifest, change_tif=change,
                               evidence=chips.evidence, config=run.cfg, extent=run.grid.bounds)
     return run.dir
+
+
+#: the stages a rerun can start from, with what it keeps of the run
+RERUN_STAGES: dict[str, str] = {
+    "align": "nothing but the config and rule layers: the whole pass again, in place",
+    "detect": "the alignment",
+    "classify": "the alignment and the detector's decisions",
+}
+
+
+def rerun_from(run_dir: str | Path, stage: str, *, workers: int | None = None,
+               scheduler: str | None = None) -> Path:
+    """Redo a finished run (``run`` or ``compare``) from ``stage`` on, in place: same run id,
+    config and imagery, the rule layers as their files are now; then track and export.
+
+    ``classify`` (and ``vectorize``, the same block pass) keeps the alignment and the
+    detector's decisions stored in the run (``work/scores-*.tif``) and computes only the
+    spectral evidence again: the way to apply new permits, forest or farmland layers without
+    running the models again. ``detect`` keeps the alignment and runs the detector (e.g. new
+    models). ``align`` estimates everything again. The config is the run's (``run.json``);
+    the rerun stops before writing anything when the imagery changed since (stored alignment
+    and decisions would not fit it: ``align`` then) or gives another grid.
+    """
+    if stage == "vectorize":  # one block pass with classify
+        stage = "classify"
+    if stage not in RERUN_STAGES:
+        raise ValueError(f"no stage {stage!r} to rerun from: {', '.join(RERUN_STAGES)}")
+    run = load_finished(run_dir)
+    cfg, man = run.cfg, run.manifest
+    timings = Timings()
+    with timings.stage("ingest"):
+        sources = [ingest.open_period(p, cfg.base_dir) for p in cfg.periods]
+    report, spans = report_pairs(len(sources), cfg.detection.persist_periods)
+    reuse = None
+    if stage != "align":
+        reuse = _reuse(run, [report, *spans], with_scores=stage == "classify")
+    register = (cfg.path(cfg.register_path) if cfg.register_path and man.get("job") == "run"
+                else None)
+    extra = {k: man[k] for k in ("job", "config_path") if k in man}
+    extra["rerun"] = {"stage": stage, "at": dt.datetime.now().isoformat(timespec="seconds")}
+    try:
+        return _pipeline(cfg, sources, run.dir, run_id=man["run_id"], scheduler=scheduler,
+                         workers=workers, register=register, timings=timings, extra=extra,
+                         report=report, spans=spans, reuse=reuse, expect=man)
+    finally:
+        if scheduler:
+            close_dask_clients()
+
+
+def _reuse(run: FinishedRun, pairs: list[tuple[int, int]], *, with_scores: bool) -> Reuse:
+    """The stored alignment (and decisions) of each of a run's pairs."""
+    stored = run.manifest.get("pairs") or {}
+    params, scores = {}, {}
+    for a, b in pairs:
+        key = pair_key(a, b)
+        if key not in stored:
+            raise MissingFileError(f"{run.dir / 'run.json'}: no stored alignment of pair "
+                                   f"{key} (a run of an older tuban); rerun from the "
+                                   f"start: tuban align {run.dir}")
+        params[key] = align.params_from_record(stored[key]["alignment"])
+        if with_scores:
+            path = run.dir / stored[key]["scores"]
+            if not path.is_file():
+                raise MissingFileError(f"{path}: the run's stored decisions are missing; "
+                                       f"rerun from the detect stage: tuban detect {run.dir}")
+            scores[key] = path
+    return Reuse(params, scores)
+
+
+def _same_grid(grid: Grid, expect: dict[str, Any], out_dir: Path) -> None:
+    g = expect["grid"]
+    same = (list(grid.shape) == list(g["shape"])
+            and np.allclose(list(grid.transform)[:6], g["transform"])
+            and grid.crs == norm_crs(g["wkt"]))
+    if not same:
+        raise InputError(f"{out_dir / 'run.json'}: the config's imagery now gives another "
+                         f"working grid than this run's; start a new run (tuban run CONFIG)")
+
+
+def _same_imagery(inputs: list[dict[str, Any]], expect: dict[str, Any], out_dir: Path) -> None:
+    """A stored alignment (and decisions) belongs to the imagery it came from."""
+    def images(rows: list[dict[str, Any]]) -> dict[str, str]:
+        return {r["path"]: r["sha256"] for r in rows if str(r["role"]).startswith("image:")}
+
+    now, then = images(inputs), images(expect.get("inputs") or [])
+    changed = sorted(p for p in now if then.get(p) != now[p])
+    if changed:
+        raise InputError(f"{changed[0]}: changed since run {expect['run_id']}, whose "
+                         f"alignment and decisions were made on it; rerun from the align "
+                         f"stage: tuban align {out_dir}")
 
 
 def rerun_export(run_dir: str | Path) -> Path:

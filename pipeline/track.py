@@ -325,6 +325,47 @@ def match(new: gpd.GeoDataFrame, register: gpd.GeoDataFrame, *, run_date: str, r
     return out, reg, hist if len(hist) else empty_history()
 
 
+#: history rows of imported field verification carry run ids with this prefix
+VERIFICATION_RUN = "verification:"
+
+
+def later_runs(history: pd.DataFrame, run_id: str) -> list[str]:
+    """Runs recorded after ``run_id``'s rows in ``history`` (field verification aside)."""
+    runs = history["run_id"].astype(str).tolist()
+    if run_id not in runs:
+        return []
+    last = len(runs) - 1 - runs[::-1].index(run_id)
+    return list(dict.fromkeys(r for r in runs[last + 1:]
+                              if r != run_id and not r.startswith(VERIFICATION_RUN)))
+
+
+def withdraw(register: gpd.GeoDataFrame, history: pd.DataFrame, run_id: str,
+             kept: set[str]) -> gpd.GeoDataFrame:
+    """Undo what an earlier pass of run ``run_id`` recorded for patches its rerun no longer
+    reports (not in ``kept``; e.g. a new permit covers them): a patch it issued first leaves
+    the register, one it saw again gets back its state before that run (from ``history``;
+    the footprint of a re-issued patch stays the latest). Pure."""
+    last = register["last_run"].astype(str) == run_id
+    stale = last & ~register["patch_id"].astype(str).isin(kept)
+    if not stale.any():
+        return register
+    reg = register.copy()
+    first = stale & (reg["first_run"].astype(str) == run_id)
+    earlier = history[(history["run_id"].astype(str) != run_id)
+                      & ~history["run_id"].astype(str).str.startswith(VERIFICATION_RUN)]
+    prev = earlier.groupby(earlier["patch_id"].astype(str)).tail(1).set_index("patch_id")
+    for i in np.flatnonzero(stale & ~first):
+        pid = str(reg["patch_id"].iloc[i])
+        reg.iat[i, reg.columns.get_loc("times_seen")] = max(
+            1, int(reg["times_seen"].iloc[i]) - 1)
+        if pid in prev.index:
+            row = prev.loc[pid]
+            for col, val in (("last_seen", row["date"]), ("last_run", row["run_id"]),
+                             ("status", row["status"])):
+                reg.iat[i, reg.columns.get_loc(col)] = str(val)
+    return reg[~first.to_numpy()].reset_index(drop=True)
+
+
 def _new_rows(new: gpd.GeoDataFrame, idx: list[int], ids: list[str], first_seen: list[str],
               status: list[str], area: np.ndarray, run_date: str, run_id: str,
               ) -> gpd.GeoDataFrame:
@@ -454,9 +495,16 @@ class Register:
         with file_lock(self.path, self.lock_timeout_s):
             reg = self.load(new_patches.crs)
             hist = self.load_history()
+            later = later_runs(hist, run_id)
+            if later:
+                raise RegisterError(
+                    f"{self.path}: run {later[-1]} was recorded after run {run_id}; only the "
+                    f"latest run can be tracked again (start a new run instead)")
             out, reg, rows = match(new_patches, reg, run_date=run_date, run_id=run_id,
                                    **match_kwargs)
-            hist = hist[hist["run_id"].astype(str) != run_id]  # a rerun replaces its rows
+            # a rerun replaces its rows, and what it no longer reports is withdrawn
+            reg = withdraw(reg, hist, run_id, set(out["patch_id"].astype(str)))
+            hist = hist[hist["run_id"].astype(str) != run_id]
             hist = pd.concat([hist, rows], ignore_index=True) if len(hist) else rows
             self._write(reg, hist)
         return out
@@ -516,7 +564,7 @@ class Register:
                 reg.iat[r, reg.columns.get_loc("verified_at")] = at
                 if note is not None:
                     reg.iat[r, reg.columns.get_loc("note")] = note
-                new_hist.append({"patch_id": pid, "run_id": f"verification:{path.name}",
+                new_hist.append({"patch_id": pid, "run_id": f"{VERIFICATION_RUN}{path.name}",
                                  "date": at, "status": v,
                                  "area_m2": float(reg["area_m2"].iloc[r])})
             hist = pd.concat([hist, pd.DataFrame(new_hist)], ignore_index=True)

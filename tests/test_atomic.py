@@ -65,6 +65,24 @@ def test_staging_dir_merges(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_staging_dir_replaces_named_subfolders(tmp_path: Path) -> None:
+    """A rerun's evidence replaces the earlier run's (patches it no longer has lose theirs),
+    but only when it wrote evidence at all; the stale files go before the manifest moves."""
+    final = tmp_path / "out"
+    (final / "evidence").mkdir(parents=True)
+    (final / "evidence" / "gone.png").write_text("o")
+    (final / "evidence" / "kept.png").write_text("o")
+    (final / "work").mkdir()
+    (final / "work" / "scores.tif").write_text("s")
+    with staging_dir(final, replace=("evidence", "work")) as stage:
+        (stage / "evidence").mkdir()
+        (stage / "evidence" / "kept.png").write_text("n")
+        (stage / "run.json").write_text("{}")
+    assert sorted(p.name for p in (final / "evidence").iterdir()) == ["kept.png"]
+    assert (final / "evidence" / "kept.png").read_text() == "n"
+    assert (final / "work" / "scores.tif").exists()  # no work/ staged: left as it was
+
+
 def test_staging_dir_moves_manifest_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     moved: list[str] = []
     real = os.replace

@@ -324,11 +324,7 @@ def test_stage_commands(sample_run: tuple[Path, Path], tmp_path: Path) -> None:
     assert sorted(after["patch_id"]) == sorted(before["patch_id"])
     man = json.loads((first / "run.json").read_text(encoding="utf-8"))
     assert man["rerun"]["stage"] == "export"
-    # track again on the same run id: same ids, history not duplicated
-    res = tuban("track", first)
-    assert res.returncode == 0, res.stderr
-    again = gpd.read_file(first / "patches.gpkg")
-    assert sorted(again["patch_id"]) == sorted(before["patch_id"])
+    # track again: tests/test_rerun.py (on a register of its own: this module's runs share one)
     _assert_clean_failure(tuban("track", tmp_path), "run.json")
 
 

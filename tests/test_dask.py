@@ -60,6 +60,12 @@ def test_compare_on_dask_matches_local(cluster, tmp_path: Path) -> None:  # type
     assert keys, "the sample scene has changes"
     assert patch_keys(dask) == keys
     np.testing.assert_array_equal(change_pixels(dask), change_pixels(local))
+    # a stage rerun on the cluster: the stored decisions classified again, same patches
+    res = subprocess.run([sys.executable, "-m", "pipeline", "classify", str(dask),
+                          "--scheduler", cluster.scheduler_address],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert patch_keys(dask) == keys
     # both workers took part
     from distributed import Client
 

@@ -149,3 +149,27 @@ def export_cmd(run_dir: Path) -> None:
     from .. import jobs
 
     click.echo(str(jobs.rerun_export(run_dir)))
+
+
+def _rerun_command(stage: str, doc: str) -> None:
+    @cli.command(stage, help=doc)
+    @click.argument("run_dir", type=click.Path(path_type=Path))
+    @scheduler_opt
+    @workers_opt
+    def command(run_dir: Path, scheduler: str | None, workers: int | None) -> None:
+        from .. import jobs
+
+        _start_workers(scheduler, workers)
+        click.echo(str(jobs.rerun_from(run_dir, stage, workers=workers, scheduler=scheduler)))
+
+
+_rerun_command("align", "Stage align again on a finished run, and every stage after it: the "
+               "whole pass again in place (same run id, config and imagery; the rule layers "
+               "as their files are now), then track and export.")
+_rerun_command("detect", "Stage detect again on a finished run, keeping its alignment (e.g. "
+               "after new models), then classify, vectorize, track and export.")
+_rerun_command("classify", "Stage classify again on a finished run with the rule layers as "
+               "their files are now (e.g. new permits): keeps its alignment and the "
+               "detector's stored decisions, then vectorize, track and export.")
+_rerun_command("vectorize", "Stage vectorize again on a finished run: classify and vectorize "
+               "run as one block pass, so this is `tuban classify RUN_DIR`.")

@@ -87,9 +87,26 @@ class _WithEvidence:
         out = L.from_cells(self._both(*cells, roles, res_m * f), f, valid)
         return {**out, **L.spectral_evidence(before, after, valid, roles)}
 
+    def evidence(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
+                 roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
+        """What ``__call__`` returns but the decisions (see :func:`evidence_of`)."""
+        f = work_factor(self)
+        if f == 1:
+            return self._with_spectral(evidence_of(self.det, before, after, valid, roles, res_m),
+                                       before, after, valid, roles, res_m)
+        cells = L.to_cells(before, after, valid, f)
+        out = L.from_cells(self._with_spectral(evidence_of(self.det, *cells, roles, res_m * f),
+                                               *cells, roles, res_m * f), f, valid)
+        return {**evidence_of(out), **L.spectral_evidence(before, after, valid, roles)}
+
     def _both(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
               roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
-        out = dict(self.det(before, after, valid, roles, res_m))
+        return self._with_spectral(dict(self.det(before, after, valid, roles, res_m)),
+                                   before, after, valid, roles, res_m)
+
+    def _with_spectral(self, out: dict[str, np.ndarray], before: np.ndarray, after: np.ndarray,
+                       valid: np.ndarray, roles: tuple[str, ...], res_m: float,
+                       ) -> dict[str, np.ndarray]:
         if self.open_ground or any(k not in out for k in EVIDENCE_KEYS):
             extra = self.spectral(before, after, valid, roles, res_m)
             if self.open_ground:
@@ -97,6 +114,27 @@ class _WithEvidence:
             out.update({k: v for k, v in extra.items()
                         if k not in out and k not in self.NOT_PASSED})
         return out
+
+
+#: the layers a detector decides with; the rest of its output is evidence for classify
+DECISIONS: tuple[str, ...] = ("change", "change_any")
+
+
+def evidence_of(det: ChangeDetector | Mapping[str, np.ndarray], *args: object,
+                ) -> dict[str, np.ndarray]:
+    """A detector's output without its decisions: the layers classify reads beside change
+    scores stored by an earlier pass (``tuban classify RUN_DIR``). The learned detector's is its
+    spectral evidence (no model, no network), detectors with an ``evidence`` method give that,
+    others run whole. Given a dict of layers instead, those layers without the decisions."""
+    if isinstance(det, Mapping):
+        out = det
+    elif isinstance(det, L.LearnedDetector):  # its evidence is per pixel at any work factor
+        before, after, valid, roles = args[:4]
+        out = L.spectral_evidence(before, after, valid, tuple(roles))  # type: ignore[arg-type]
+    else:
+        fn = getattr(det, "evidence", None)
+        out = fn(*args) if fn is not None else det(*args)  # type: ignore[operator]
+    return {k: v for k, v in out.items() if k not in DECISIONS}
 
 
 def open_ground_change(spectral: Mapping[str, np.ndarray]) -> np.ndarray:
