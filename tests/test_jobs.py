@@ -69,3 +69,10 @@ def test_persistence_removes_seasonal_keeps_violations(three_periods: Path,
     assert len(found2) >= 0.8 * len(violations)
     assert found3 == found2
     assert set(p3["after_date"]) == {"2024-06-20"}  # the reported pair is 03 -> 06
+    # a stage rerun of the three-period run replays both compared pairs: 03->06 and 03->09
+    stored = sorted(p.name for p in (three / "work").glob("scores-*.tif"))
+    assert stored == ["scores-0-1.tif", "scores-0-2.tif"]
+    jobs.rerun_from(three, "classify")
+    again = gpd.read_file(three / "patches.gpkg")
+    assert sorted(again["patch_id"]) == sorted(p3["patch_id"])
+    assert _hits(again, harvest) == 0
