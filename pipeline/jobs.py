@@ -430,12 +430,8 @@ def _reexport(run: FinishedRun, patches: gpd.GeoDataFrame, stage: str) -> Path:
     return run.dir
 
 
-#: the stages a rerun can start from, with what it keeps of the run
-RERUN_STAGES: dict[str, str] = {
-    "align": "nothing but the config and rule layers: the whole pass again, in place",
-    "detect": "the alignment",
-    "classify": "the alignment and the detector's decisions",
-}
+#: the stages a block-pass rerun can start from (``vectorize`` is ``classify``'s pass)
+RERUN_STAGES: tuple[str, ...] = ("align", "detect", "classify")
 
 
 def rerun_from(run_dir: str | Path, stage: str, *, workers: int | None = None,
@@ -457,6 +453,7 @@ def rerun_from(run_dir: str | Path, stage: str, *, workers: int | None = None,
         raise ValueError(f"no stage {stage!r} to rerun from: {', '.join(RERUN_STAGES)}")
     run = load_finished(run_dir)
     cfg, man = run.cfg, run.manifest
+    _clear_leftovers(run.dir)
     timings = Timings()
     with timings.stage("ingest"):
         sources = [ingest.open_period(p, cfg.base_dir) for p in cfg.periods]
