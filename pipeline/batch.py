@@ -41,6 +41,7 @@ from .detect.registry import (
 from .errors import InputError
 from .grid import Block, Grid
 from .progress import Progress
+from .resume import BlockStore
 from .types import NO_CHANGE, NOT_OBSERVED
 from .vectorize import BlockPolygons, block_polygons, join_blocks, to_map
 
@@ -306,6 +307,44 @@ class PairResult:
     blocks: dict[str, int] = field(default_factory=dict)
 
 
+def _block_pass(job: BlockJob, blocks: list[Block], done: dict[int, Path],
+                store: BlockStore | None, change_path: Path, scores_out: Path | None,
+                workers: int | None, scheduler: str | None,
+                ) -> tuple[list[tuple[int, BlockPolygons]], Counter[str], int]:
+    """Every block, the ``done`` ones from ``store``: rasters written, polygons collected."""
+    parts: list[tuple[int, BlockPolygons]] = []
+    excluded: Counter[str] = Counter()
+    n_valid = 0
+    progress = Progress("detect", len(blocks))
+    with (rasterio.open(change_path, "w", **change_profile(job.grid)) as dst,
+          _scores_writer(scores_out, job.grid) as sdst):
+
+        def take(block: Block, res: BlockResult) -> None:
+            nonlocal n_valid
+            dst.write(res.category, 1, window=block.core)
+            if sdst is not None and res.scores is not None:
+                dense = np.zeros((len(DECISIONS), res.category.size), np.float32)
+                dense[:, res.scores[0]] = res.scores[1]
+                sdst.write(dense.reshape(-1, *res.category.shape), window=block.core)
+            parts.append((block.index, res.polygons))
+            excluded.update(res.excluded)
+            n_valid += res.n_valid
+            progress.update()
+
+        for block in blocks:
+            if block.index in done:
+                take(block, BlockStore.load(done[block.index]))
+        runs = _runs([b for b in blocks if b.index not in done])
+        for run, results in map_blocks(process_run, job, runs, workers=workers,
+                                       scheduler=scheduler):
+            for block, res in zip(run, results, strict=True):
+                if store is not None:
+                    store.save(block.index, res)
+                take(block, res)
+    progress.close()
+    return parts, excluded, n_valid
+
+
 @contextmanager
 def _scores_writer(path: Path | None, grid: Grid) -> Iterator[Any]:
     if path is None:
@@ -327,12 +366,14 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
                 resampling: str = "bilinear", workers: int | None = None,
                 scheduler: str | None = None, timings: Any = None,
                 params: align.AlignParams | None = None, scores_out: Path | None = None,
-                scores_in: Path | None = None) -> PairResult:
+                scores_in: Path | None = None, checkpoint: Path | None = None) -> PairResult:
     """Block pass over ``grid``: writes ``change_path`` and returns the patch records.
 
     Given ``params`` (an earlier pass's alignment) it is not estimated again. The detector's
     decisions are written to ``scores_out`` (:func:`scores_profile`), or with ``scores_in``
     read from there instead of decided again (the rest of the evidence is computed again).
+    ``checkpoint``: a folder (:class:`pipeline.resume.BlockStore`) that keeps the alignment
+    and each finished block, and gives them back to a resumed attempt.
     """
     from contextlib import nullcontext
 
@@ -341,48 +382,41 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
     pool = scheduler is None and n_workers > 1 and grid.n_blocks(block_size) > 1
     if pool:
         warm_up(PRELOAD)  # worker start-up (imports) overlaps the alignment
+    store = BlockStore(checkpoint) if checkpoint is not None else None
     with stage("align"):
-        if params is None:
-            # on the workers only when they are there for the blocks anyway
-            params = align.fit_alignment(before, after, grid, coregister=detection.coregister,
-                                         normalize=detection.normalize,
-                                         max_shift_px=detection.max_shift_px,
-                                         workers=n_workers if pool else 1, scheduler=scheduler)
+        # given, or a resumed attempt's, or estimated (on the workers only when they are
+        # there for the blocks anyway)
+        params = params or (store.alignment() if store else None) or align.fit_alignment(
+            before, after, grid, coregister=detection.coregister,
+            normalize=detection.normalize, max_shift_px=detection.max_shift_px,
+            workers=n_workers if pool else 1, scheduler=scheduler)
         log.info("alignment: shift %s px, gain %s", params.shift_px,
                  np.round(np.asarray(params.gain), 3).tolist())
         job = BlockJob(before, after, grid, params, rules, detection, categories, resampling,
                        None if scores_in is None else str(scores_in))
         if not params.feature_medians:
             params = with_scene_medians(job)
+    if store is not None:
+        store.save_alignment(params)
     job = replace(job, params=params)
     det = _job_detector(job)
+    detector = describe(det, params.roles, grid.res)
     # blocks start on the detector's lattice: each averages the cells and pools on the grid of a
     # whole-image pass (the building network's 2^4 poolings at its coarsest scale)
     m = block_multiple(det)
     halo = _round_up(max(DEFAULT_HALO, int(getattr(det, "halo", 0))), m)
     block_size = _round_up(block_size, m)
     blocks = list(grid.blocks(block_size, halo=halo))
-    parts: list[tuple[int, BlockPolygons]] = []
-    excluded: Counter[str] = Counter()
-    n_valid = 0
+    done: dict[int, Path] = {}
+    if store is not None:
+        done = store.use_layout({"block_size": block_size, "halo": halo, "n": len(blocks),
+                                 "scores": scores_in is None, "detector": detector})
+        if done:
+            log.info("resuming: %d of %d blocks of %s -> %s already done", len(done),
+                     len(blocks), before.name, after.name)
     with stage("detect"):
-        progress = Progress("detect", len(blocks))
-        with (rasterio.open(change_path, "w", **change_profile(grid)) as dst,
-              _scores_writer(scores_out, grid) as sdst):
-            runs = _runs(blocks)
-            for run, results in map_blocks(process_run, job, runs, workers=workers,
-                                           scheduler=scheduler):
-                for block, res in zip(run, results, strict=True):
-                    dst.write(res.category, 1, window=block.core)
-                    if sdst is not None and res.scores is not None:
-                        dense = np.zeros((len(DECISIONS), res.category.size), np.float32)
-                        dense[:, res.scores[0]] = res.scores[1]
-                        sdst.write(dense.reshape(-1, *res.category.shape), window=block.core)
-                    parts.append((block.index, res.polygons))
-                    excluded.update(res.excluded)
-                    n_valid += res.n_valid
-                    progress.update()
-        progress.close()
+        parts, excluded, n_valid = _block_pass(job, blocks, done, store, change_path,
+                                               scores_out, workers, scheduler)
     with stage("vectorize"):
         # blocks finish in any order: sort parts by block so results never depend on it
         joined = join_blocks(p for _, p in sorted(parts, key=lambda t: t[0]))
@@ -400,5 +434,4 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
         mins = {k: c.min_area_m2 for k, c in categories.items()}
         records = to_map(joined, grid.transform, simplify_px=0.5, min_area_m2=mins)
     return PairResult(records, grid.height * grid.width, n_valid, dict(excluded), params,
-                      describe(det, params.roles, grid.res),
-                      {"block_size": block_size, "halo": halo, "n": len(blocks)})
+                      detector, {"block_size": block_size, "halo": halo, "n": len(blocks)})

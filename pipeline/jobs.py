@@ -22,7 +22,7 @@ import geopandas as gpd
 import numpy as np
 from affine import Affine
 
-from . import __version__, align, export, ingest, persistence
+from . import __version__, align, export, ingest, persistence, resume
 from .batch import PairResult, detect_pair
 from .blocks import close_dask_clients, default_workers, fit_workers, worker_px
 from .chips import ChipSource
@@ -184,7 +184,8 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
     hasher.shutdown(wait=False)
     if expect is not None and reuse is not None:  # before any work that would be wasted
         _same_imagery(inputs.result(), expect, out_dir)
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.work-", dir=out_dir.parent) as tmp:
+    with resume.work_dir(out_dir, fingerprint(cfg, sources, extra)) as work:
+        tmp = str(work)
         n_workers = workers or cfg.workers or default_workers()
         # local workers share this machine's memory (Dask workers have their own): unless the
         # block size or the workers are set, as many workers as can hold the smallest block
@@ -211,7 +212,8 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
                               resampling=cfg.align.resampling,
                               workers=n_workers, scheduler=scheduler, timings=timings,
                               params=reuse.params.get(key) if reuse else None,
-                              scores_out=scores, scores_in=replay)
+                              scores_out=scores, scores_in=replay,
+                              checkpoint=work / f"blocks-{key}")
             if scores is not None:
                 checkpoints[scores_name(a, b)] = scores
             pairs[key] = {"before": sources[a].name, "after": sources[b].name,
@@ -241,6 +243,18 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
     return out_dir
 
 
+def fingerprint(cfg: PipelineConfig, sources: list[ingest.ImageSource],
+                extra: dict[str, Any]) -> dict[str, Any]:
+    """What an interrupted attempt must share with the next for it to resume: tuban's
+    version, the job and stage, the config, and every input file's size and time."""
+    layers = [cfg.path(c.path) for c in cfg.rules.values()]
+    layers += [cfg.path(cfg.admin.path)] if cfg.admin else []
+    return {"tuban": __version__, "job": extra.get("job"),
+            "stage": (extra.get("rerun") or {}).get("stage"),
+            "config": cfg.model_dump(mode="json", by_alias=True),
+            "files": resume.file_stamps([*(p for s in sources for p in s.paths), *layers])}
+
+
 def _confirm(patches: gpd.GeoDataFrame, span_patches: dict[tuple[int, int], gpd.GeoDataFrame],
              report: tuple[int, int], sources: list[ingest.ImageSource],
              cfg: PipelineConfig, manifest: dict[str, Any]) -> gpd.GeoDataFrame:
@@ -263,6 +277,7 @@ def _clear_leftovers(out_dir: Path) -> None:
     parent = out_dir.parent
     if not parent.is_dir():
         return
+    # (``.<run>.work-*``: the work folders of tuban before resumable runs)
     for p in [*parent.glob(f".{out_dir.name}.work-*"), *parent.glob(f"{out_dir.name}.partial-*")]:
         log.info("removing leftovers of an interrupted attempt: %s", p)
         shutil.rmtree(p, ignore_errors=True)
@@ -291,7 +306,10 @@ def run(config: str | Path, *, scheduler: str | None = None, workers: int | None
         sources = [ingest.open_period(p, cfg.base_dir) for p in cfg.periods]
     report, spans = report_pairs(len(sources), cfg.detection.persist_periods)
     after = sources[report[1]]
-    run_id = run_id or new_run_id(cfg.name, after.name)
+    extra = {"job": "run", "config_path": str(Path(config))}
+    if run_id is None:  # a killed attempt over the same inputs is resumed, else a new run
+        run_id = (resume.interrupted(cfg.path(cfg.output.dir), fingerprint(cfg, sources, extra))
+                  or new_run_id(cfg.name, after.name))
     out_dir = cfg.path(cfg.output.dir) / run_id
     _clear_leftovers(out_dir)
     if (out_dir / "run.json").exists():
@@ -301,8 +319,7 @@ def run(config: str | Path, *, scheduler: str | None = None, workers: int | None
     try:
         return _pipeline(cfg, sources, out_dir, run_id=run_id, scheduler=scheduler,
                          workers=workers, register=register, timings=timings,
-                         extra={"job": "run", "config_path": str(Path(config))},
-                         report=report, spans=spans)
+                         extra=extra, report=report, spans=spans)
     finally:
         if scheduler:  # a client per job: nothing stays connected after it
             close_dask_clients()

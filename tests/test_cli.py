@@ -339,9 +339,9 @@ def test_killed_run_leaves_no_output_and_reruns(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(cfg), "--run-id",
                              "k"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(runs.glob(".k.work-*")):
+    while time.time() < deadline and not list(runs.glob(".k.work*")):
         time.sleep(0.01)
-    assert list(runs.glob(".k.work-*")), "the run never started its block stage"
+    assert list(runs.glob(".k.work*")), "the run never started its block stage"
     helpers = psutil.Process(proc.pid).children(recursive=True)  # fork server, workers
     assert helpers
     proc.send_signal(signal.SIGKILL)
@@ -354,7 +354,7 @@ def test_killed_run_leaves_no_output_and_reruns(tmp_path: Path) -> None:
     res = tuban("run", cfg, "--run-id", "k")
     assert res.returncode == 0, res.stderr
     assert (runs / "k" / "run.json").exists()
-    assert not list(runs.glob(".k.work-*")) and not list(runs.glob("k.partial-*"))
+    assert not list(runs.glob(".k.work*")) and not list(runs.glob("k.partial-*"))
 
 
 def test_compare_config_threshold_reaches_the_spectral_detector(tmp_path: Path) -> None:
