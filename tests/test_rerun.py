@@ -135,6 +135,12 @@ def test_reruns_refuse_changed_imagery_and_missing_scores(tmp_path: Path) -> Non
     assert json.loads((out / "run.json").read_text(encoding="utf-8"))["inputs"] != json.loads(
         manifest)["inputs"]
     _assert_clean_failure(tuban("classify", tmp_path), "run.json")
+    # a run of a tuban before stage reruns kept no alignment per pair
+    man = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    del man["pairs"]
+    (out / "run.json").write_text(json.dumps(man), encoding="utf-8")
+    for stage in ("classify", "detect"):
+        _assert_clean_failure(tuban(stage, out), "run.json", "tuban align")
 
 
 def test_only_the_latest_run_is_tracked_again(own_permits: tuple[Path, Path],
