@@ -15,6 +15,7 @@ import gc
 import json
 import logging
 import math
+import re
 import shutil
 import tempfile
 import time
@@ -336,12 +337,44 @@ def write_tasks_csv(patches: pd.DataFrame, path: str | Path,
         The number of task rows.
     """
     rows = task_rows(patches, priorities)
+    _write_task_rows(rows, path)
+    return len(rows)
+
+
+def _write_task_rows(rows: list[dict[str, Any]], path: str | Path) -> None:
     with atomic_open(path, "w", encoding="utf-8-sig", newline="") as f:
         w = csv.writer(f)
         w.writerow([f"{zh} {key}" for key, zh in TASK_COLUMNS])
         for row in rows:
             w.writerow(["" if row[k] is None else row[k] for k, _ in TASK_COLUMNS])
-    return len(rows)
+
+
+#: the task list of patches in no street office
+UNASSIGNED_TASKS = "unassigned.csv"
+
+
+def office_task_name(code: Any, name: Any) -> str:
+    """File name of a street office's task list: ``<code>_<name>.csv`` (path separators and
+    spaces in the name replaced), :data:`UNASSIGNED_TASKS` without a code."""
+    if code is None or str(code).strip() == "":
+        return UNASSIGNED_TASKS
+    label = re.sub(r"[\\/:*?\"<>|\s]+", "_", str(name or "").strip()).strip("_")
+    return f"{code}_{label}.csv" if label else f"{code}.csv"
+
+
+def write_office_tasks(rows: list[dict[str, Any]], folder: str | Path) -> dict[str, int]:
+    """One task list per street office in ``folder`` (the rows of :func:`task_rows` that are
+    its own, numbered from 1; same columns as ``tasks.csv``, evidence paths relative to the
+    run folder), for handing each office its own list. Returns file name -> rows."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    by_file: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_file.setdefault(office_task_name(row["admin_code"], row["admin_name"]),
+                           []).append(row)
+    for name, own in by_file.items():
+        _write_task_rows([{**r, "seq": i} for i, r in enumerate(own, start=1)], folder / name)
+    return {name: len(own) for name, own in by_file.items()}
 
 
 # --------------------------------------------------------------------------- evidence
@@ -459,7 +492,7 @@ def export_all(outdir: str | Path, patches: gpd.GeoDataFrame, *,
     patches = _ensure_ids(patches.reset_index(drop=True), run_id)
     rel: dict[str, str] = {}
     # a rerun replaces the evidence of patches it no longer has
-    with staging_dir(outdir, replace=("evidence",)) as stage, ThreadPoolExecutor(1) as bg:
+    with staging_dir(outdir, replace=("evidence", "tasks")) as stage, ThreadPoolExecutor(1) as bg:
         # the COG (GDAL, outside the GIL) is written while the evidence is made
         cog = (bg.submit(write_cog, change_tif, stage / "change.tif", blocksize=cog_blocksize)
                if change_tif is not None else None)
@@ -484,8 +517,12 @@ def export_all(outdir: str | Path, patches: gpd.GeoDataFrame, *,
             if extent is None:
                 with rasterio.open(change_tif) as src:
                     extent = tuple(src.bounds)
-        n_tasks = write_tasks_csv(patches, stage / "tasks.csv", priorities)
+        rows = task_rows(patches, priorities)
+        _write_task_rows(rows, stage / "tasks.csv")
+        n_tasks = len(rows)
         rel["tasks"] = "tasks.csv"
+        by_office = write_office_tasks(rows, stage / "tasks")
+        rel["office_tasks"] = "tasks"
         summary = report_mod.summarize(patches)
         if out_cfg is None or out_cfg.report:
             meta = _report_meta(patches, manifest, config, extent, run_id)
@@ -498,7 +535,7 @@ def export_all(outdir: str | Path, patches: gpd.GeoDataFrame, *,
         man = dict(manifest)
         man.setdefault("run_id", run_id)
         man["outputs"] = dict(rel)
-        man["counts"] = {"patches": len(patches), "tasks": n_tasks,
+        man["counts"] = {"patches": len(patches), "tasks": n_tasks, "tasks_by_file": by_office,
                          "by_category": {c: v["count"] for c, v in
                                          summary["by_category"].items()},
                          "by_status": summary["by_status"]}

@@ -147,6 +147,17 @@ def test_tasks_grouped_by_street_office(sample_run: tuple[Path, Path]) -> None:
     codes = [r[code] for r in body]
     assert body and codes == sorted(codes, key=lambda c: (c == "", c))
     assert {r[cat] for r in body} <= set(VIOLATIONS)
+    # and one list per street office: together the same tasks, each numbered from 1
+    own: list[list[str]] = []
+    for path in sorted((out / "tasks").iterdir()):
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            part = list(csv.reader(f))[1:]
+        office = "" if path.name == "unassigned.csv" else path.name.split("_")[0]
+        assert {r[code] for r in part} == {office}
+        assert [r[0] for r in part] == [str(i) for i in range(1, len(part) + 1)]
+        own += part
+    assert len(set(codes)) >= 2
+    assert sorted(r[1:] for r in own) == sorted(r[1:] for r in body)
 
 
 def test_rerun_does_not_reissue(sample_run: tuple[Path, Path]) -> None:

@@ -19,12 +19,15 @@ from PIL import Image
 from pipeline import evidence, export
 from pipeline.evidence import chip_bounds
 from pipeline.export import (
+    TASK_COLUMNS,
     export_all,
+    office_task_name,
     task_rows,
     write_cog,
     write_evidence,
     write_geojson,
     write_gpkg,
+    write_office_tasks,
     write_tasks_csv,
 )
 from pipeline.report import CATEGORY_COLORS, render_html, summarize
@@ -245,6 +248,27 @@ def test_tasks_csv(tmp_path: Path, patches: gpd.GeoDataFrame) -> None:
     assert float(fu[0]["area_mu"]) == pytest.approx(1500 / MU_M2, abs=0.01)
 
 
+def test_office_task_lists(tmp_path: Path, patches: gpd.GeoDataFrame) -> None:
+    rows = task_rows(patches)
+    files = write_office_tasks(rows, tmp_path / "tasks")
+    assert files == {"440303002_南园街道.csv": 1, "440304001_福田街道.csv": 4,
+                     "unassigned.csv": 1}
+    got = {}
+    for name in files:
+        raw = (tmp_path / "tasks" / name).read_bytes()
+        assert raw.startswith(b"\xef\xbb\xbf")
+        with open(tmp_path / "tasks" / name, encoding="utf-8-sig", newline="") as f:
+            header, *body = list(csv.reader(f))
+        assert header == [f"{zh} {key}" for key, zh in TASK_COLUMNS]
+        got[name] = body
+    futian = got["440304001_福田街道.csv"]
+    assert [r[0] for r in futian] == ["1", "2", "3", "4"]  # numbered within the office
+    # the same tasks as tasks.csv, in the same order
+    assert [r[1] for r in futian] == [r["patch_id"] for r in rows[1:5]]
+    assert office_task_name("440304001", "福田 街道/东") == "440304001_福田_街道_东.csv"
+    assert office_task_name("", "x") == office_task_name(None, None) == "unassigned.csv"
+
+
 def test_task_rows_without_status_column(patches: gpd.GeoDataFrame) -> None:
     rows = task_rows(patches.drop(columns="status"))
     assert len(rows) == 8  # every violation
@@ -343,8 +367,10 @@ def test_export_all(tmp_path: Path, patches: gpd.GeoDataFrame, category_tif: Pat
                        change_tif=category_tif, before_chip=chip_reader(50),
                        after_chip=chip_reader(180), cog_blocksize=32)
     names = {"patches.geojson", "patches.gpkg", "change.tif", "tasks.csv", "report.html",
-             "run.json", "evidence"}
+             "run.json", "evidence", "tasks"}
     assert {p.name for p in out.iterdir()} == names
+    assert sorted(p.name for p in (out / "tasks").iterdir()) == [
+        "440303002_南园街道.csv", "440304001_福田街道.csv", "unassigned.csv"]
     assert all(p.exists() for p in paths.values())
     n_violations = int((patches["category"] != "other_change").sum())
     assert len(list((out / "evidence").glob("*.png"))) == n_violations == len(patches) - 1
@@ -384,7 +410,7 @@ def test_failed_export_leaves_outdir_untouched(tmp_path: Path, patches: gpd.GeoD
     def fail(*args: Any, **kwargs: Any) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(export, "write_tasks_csv", fail)  # after geojson/gpkg/evidence
+    monkeypatch.setattr(export, "write_office_tasks", fail)  # after geojson, gpkg, tasks.csv
     with pytest.raises(OSError, match="disk full"):
         export_all(out, patches, manifest={"run_id": "r1"}, before_chip=chip_reader(1),
                    after_chip=chip_reader(2))
