@@ -344,9 +344,11 @@ def withdraw(register: gpd.GeoDataFrame, history: pd.DataFrame, run_id: str,
     """Undo what an earlier pass of run ``run_id`` recorded for patches its rerun no longer
     reports (not in ``kept``; e.g. a new permit covers them): a patch it issued first leaves
     the register, one it saw again gets back its state before that run (from ``history``;
-    the footprint of a re-issued patch stays the latest). Pure."""
+    the footprint of a re-issued patch stays the latest). A patch with a field verification
+    stays as it is: the analysts' finding is kept. Pure."""
     last = register["last_run"].astype(str) == run_id
-    stale = last & ~register["patch_id"].astype(str).isin(kept)
+    stale = (last & ~register["patch_id"].astype(str).isin(kept)
+             & register["verification"].isna())
     if not stale.any():
         return register
     reg = register.copy()
