@@ -57,9 +57,15 @@ def _write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
 
 
+def _plain(data: Any) -> Any:
+    """``data`` as JSON gives it back (tuples as lists), for comparing with a read one."""
+    return json.loads(json.dumps(data, sort_keys=True))
+
+
 def interrupted(parent: Path, fingerprint: dict[str, Any]) -> str | None:
     """The name of a run folder under ``parent`` whose killed attempt had this fingerprint
     (the newest), or None."""
+    fingerprint = _plain(fingerprint)
     found = [d for d in parent.glob(".*.work")
              if d.is_dir() and _read_json(d / FINGERPRINT) == fingerprint]
     if not found:
@@ -74,6 +80,7 @@ def work_dir(out_dir: Path, fingerprint: dict[str, Any]) -> Iterator[Path]:
     a new one. Held under a lock: a second attempt at the same run meanwhile is an error."""
     d = work_path(out_dir)
     d.parent.mkdir(parents=True, exist_ok=True)
+    fingerprint = _plain(fingerprint)
     with contextlib.ExitStack() as stack:
         try:
             lock = stack.enter_context(file_lock(d, timeout_s=0))
@@ -122,7 +129,7 @@ class BlockStore:
         """Keep the finished blocks when they were made with ``layout`` (block size, halo,
         detector); return them by block index."""
         meta = self.dir / "layout.json"
-        if _read_json(meta) != json.loads(json.dumps(layout, sort_keys=True)):
+        if _read_json(meta) != _plain(layout):
             for p in self.dir.glob("*.pkl"):
                 p.unlink()
             _write_json(meta, layout)
