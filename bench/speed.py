@@ -10,6 +10,8 @@ generator itself runs in bounded memory. For each size it times, in one run:
 (c) ``otbcli_MultivariateAlterationDetector`` when OTB is installed (``apt-get install otb-bin``);
 (d) with ``--rgb``, ``tuban compare`` on the smallest pair's RGB bands only: the learned
     detector and building network, what sub-metre RGB imagery gets;
+(e) with ``--rerun``, ``tuban classify`` on a finished compare of the smallest pair: a stage
+    rerun that reads the stored decisions instead of running the models;
 
 and reports wall time, throughput (Mpx/s of one date), peak memory (RSS and PSS summed over
 the process tree, sampled with psutil every 50 ms; PSS counts pages shared by forked workers
@@ -20,7 +22,8 @@ compares one and two local Dask workers on the 8000² pair (default configuratio
 PNGs), beside what this machine gives for two copies of the same work at once (its parallel
 ceiling).
 
-    .venv/bin/python bench/speed.py --sizes 4000 8000 16000 [--many] [--dask] [--rgb] [--no-otb]
+    .venv/bin/python bench/speed.py --sizes 4000 8000 16000 [--many] [--dask] [--rgb] [--rerun]
+        [--no-otb]
 
 Prints a table and writes ``bench/out/speed.json``.
 """
@@ -334,6 +337,22 @@ def tuban_compare(before: Path, after: Path, *, config: Path | None = None,
     return res
 
 
+def tuban_rerun(before: Path, after: Path, *, stage: str = "classify",
+                sample: bool = True) -> dict[str, Any]:
+    """``tuban compare`` (not timed), then ``tuban STAGE`` on its output (timed): a stage
+    rerun, e.g. classify applying a new permit layer to a finished run."""
+    out = Path(tempfile.mkdtemp(prefix="tuban-bench-")) / "out"
+    first = run_cmd([str(TUBAN), "compare", str(before), str(after), "-o", str(out)],
+                    sample=False)
+    res = run_cmd([str(TUBAN), stage, str(out)], sample=sample)
+    res["returncode"] = max(first["returncode"], res["returncode"])
+    man = out / "run.json"
+    if man.exists():
+        res["stages_s"] = json.loads(man.read_text()).get("timings_s")
+    shutil.rmtree(out.parent, ignore_errors=True)
+    return res
+
+
 def otb_mad(before: Path, after: Path, sample: bool = True) -> dict[str, Any] | None:
     exe = shutil.which("otbcli_MultivariateAlterationDetector")
     if exe is None:
@@ -409,6 +428,8 @@ def _bench_size(size: int, args: argparse.Namespace, detector: str,
         r["otb"] = _timed(otb_mad, before, after)
     if args.rgb and size == min(args.sizes):
         r["tuban_rgb"] = _timed(tuban_compare, before, after, bands=RGB_BANDS)
+    if args.rerun and size == min(args.sizes):
+        r["tuban_classify"] = _timed(tuban_rerun, before, after, stage="classify")
     return r
 
 
@@ -424,7 +445,7 @@ def _timed(fn: Any, *args: Any, **kw: Any) -> dict[str, Any]:
 
 def _rows(size: int, r: dict[str, Any]) -> list[dict]:
     rows = []
-    for label in ("floor", "tuban", "tuban_spectral", "tuban_rgb", "otb"):
+    for label in ("floor", "tuban", "tuban_spectral", "tuban_rgb", "tuban_classify", "otb"):
         x = r.get(label)
         if not x:
             continue
@@ -435,6 +456,8 @@ def _rows(size: int, r: dict[str, Any]) -> list[dict]:
             row["x_floor"] = round(x["wall_s"] / r["floor"]["wall_s"], 2)
             if r.get("otb") and r["otb"]["returncode"] == 0:
                 row["x_otb"] = round(x["wall_s"] / r["otb"]["wall_s"], 2)
+        if label == "tuban_classify":
+            row["x_compare"] = round(x["wall_s"] / r["tuban"]["wall_s"], 2)
         rows.append(row)
     return rows
 
@@ -449,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rgb", action="store_true",
                     help="also time the smallest pair as RGB only (learned detector and "
                          "building network, what sub-metre RGB imagery gets)")
+    ap.add_argument("--rerun", action="store_true",
+                    help="also time `tuban classify` on a compare of the smallest pair (a "
+                         "stage rerun with the stored decisions: no models run)")
     ap.add_argument("--many", action="store_true",
                     help="also time a 4000² scene with ~100,000 small changes")
     ap.add_argument("--dask", action="store_true",
@@ -554,6 +580,10 @@ def summary_markdown(report: dict[str, Any], rows: list[dict]) -> str:
         hi = max(tub)
         out.append(f"- peak PSS at {hi}²: {tub[hi].get('peak_pss_mib')} MiB, RSS "
                    f"{tub[hi]['peak_rss_mib']} MiB (target < 1024)")
+    for r in rows:
+        if r["what"] == "tuban_classify":
+            out.append(f"- {r['size']}²: `tuban classify` on the finished compare (stored "
+                       f"decisions, no models) {r['wall_s']} s, {r['x_compare']}× the compare")
     for key in ("memory_ratio_peak_rss_mib_largest_vs_smallest",
                 "memory_ratio_peak_pss_mib_largest_vs_smallest"):
         if key in report:
