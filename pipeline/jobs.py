@@ -1,18 +1,18 @@
 """The two jobs: ``run`` (a scheduled batch over a config) and ``compare`` (one pair).
 
 Both: ingest → (align → detect → classify → vectorize in :mod:`pipeline.batch`) → track →
-export. All outputs are written into a staging folder and moved into place only on success.
+export (:func:`execute`). All outputs are written into a staging folder and moved into place
+only on success; a killed attempt resumes (:mod:`pipeline.resume`). The stage commands on a
+finished run are in :mod:`pipeline.stages`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import platform
 import secrets
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +20,13 @@ from typing import Any
 
 import geopandas as gpd
 import numpy as np
-from affine import Affine
 
 from . import __version__, align, export, ingest, persistence, resume
 from .batch import PairResult, detect_pair
 from .blocks import close_dask_clients, default_workers, fit_workers, worker_px
 from .chips import ChipSource
 from .config import PipelineConfig, config_from_dict, load_config
-from .errors import InputError, MissingFileError, OutputExistsError
+from .errors import InputError, OutputExistsError
 from .grid import BLOCK_HALO, SMALLEST_BLOCK, Grid, norm_crs
 from .patches import build_patches
 from .progress import Timings
@@ -98,13 +97,13 @@ def _finish(out_dir: Path, change_tif: Path, *, cfg: PipelineConfig, grid: Grid,
                           checkpoints=checkpoints)
 
 
-def _iso(date: dt.date | None) -> str | None:
+def iso_date(date: dt.date | None) -> str | None:
     return date.isoformat() if date else None
 
 
 def _meta(before: ingest.ImageSource, after: ingest.ImageSource, grid: Grid,
           run_id: str) -> dict[str, Any]:
-    return {"before_date": _iso(before.date), "after_date": _iso(after.date),
+    return {"before_date": iso_date(before.date), "after_date": iso_date(after.date),
             "sensor": after.sensor, "resolution_m": grid.res, "run_id": run_id}
 
 
@@ -139,7 +138,7 @@ def report_pairs(n_sources: int, persist_periods: int,
     return (last - 1, last), ()
 
 
-def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: Path, *,
+def execute(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: Path, *,
               run_id: str, scheduler: str | None, workers: int | None,
               register: Path | None, timings: Timings, extra: dict[str, Any],
               report: tuple[int, int] | None = None,
@@ -171,9 +170,9 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
                  "shape": list(grid.shape), "transform": list(grid.transform)[:6],
                  "resolution_m": grid.res, "bounds": list(grid.bounds)},
         "base_dir": str(cfg.base_dir),
-        "periods": {"before": {"name": before.name, "date": _iso(before.date),
+        "periods": {"before": {"name": before.name, "date": iso_date(before.date),
                                "sensor": before.sensor},
-                    "after": {"name": after.name, "date": _iso(after.date),
+                    "after": {"name": after.name, "date": iso_date(after.date),
                               "sensor": after.sensor}},
         **extra,
     }
@@ -234,7 +233,7 @@ def _pipeline(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: P
         export.write_gpkg(patches, checkpoints[f"{WORK}/candidates.gpkg"])
         manifest["inputs"] = inputs.result()
         with timings.stage("track"):
-            patches = _track(patches, register, run_id,
+            patches = track_patches(patches, register, run_id,
                              _meta(before, after, grid, run_id)["after_date"] or run_id)
         _finish(out_dir, change_tif, cfg=cfg, grid=grid, before=before, after=after,
                 pair=pair, patches=patches, timings=timings, manifest=manifest,
@@ -272,7 +271,7 @@ def _confirm(patches: gpd.GeoDataFrame, span_patches: dict[tuple[int, int], gpd.
     return kept.drop(columns=["pair", "first_seen", "seen_periods", "persistence"])
 
 
-def _clear_leftovers(out_dir: Path) -> None:
+def clear_leftovers(out_dir: Path) -> None:
     """Remove what a killed attempt at this same run left (work and staging folders)."""
     parent = out_dir.parent
     if not parent.is_dir():
@@ -283,7 +282,7 @@ def _clear_leftovers(out_dir: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _track(patches: gpd.GeoDataFrame, register: Path | None, run_id: str,
+def track_patches(patches: gpd.GeoDataFrame, register: Path | None, run_id: str,
            run_date: str) -> gpd.GeoDataFrame:
     from . import track
 
@@ -311,13 +310,13 @@ def run(config: str | Path, *, scheduler: str | None = None, workers: int | None
         run_id = (resume.interrupted(cfg.path(cfg.output.dir), fingerprint(cfg, sources, extra))
                   or new_run_id(cfg.name, after.name))
     out_dir = cfg.path(cfg.output.dir) / run_id
-    _clear_leftovers(out_dir)
+    clear_leftovers(out_dir)
     if (out_dir / "run.json").exists():
         raise OutputExistsError(f"{out_dir}: run {run_id} already finished; choose another "
                                 "--run-id or delete the folder")
     register = cfg.path(cfg.register_path) if cfg.register_path else None
     try:
-        return _pipeline(cfg, sources, out_dir, run_id=run_id, scheduler=scheduler,
+        return execute(cfg, sources, out_dir, run_id=run_id, scheduler=scheduler,
                          workers=workers, register=register, timings=timings,
                          extra=extra, report=report, spans=spans)
     finally:
@@ -379,7 +378,7 @@ def compare(before_path: str | Path, after_path: str | Path, outdir: str | Path,
     cfg = config_from_dict(data, Path(config or "compare"), Path.cwd())
     run_id = new_run_id("compare", "pair")
     try:
-        return _pipeline(cfg, [before, after], Path(outdir), run_id=run_id, scheduler=scheduler,
+        return execute(cfg, [before, after], Path(outdir), run_id=run_id, scheduler=scheduler,
                          workers=workers, register=None, timings=timings,
                          extra={"job": "compare"})
     finally:
@@ -396,119 +395,6 @@ def _rules_from_dir(d: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     admin = next(({"path": str(files[k])} for k in ("street_offices", "admin") if k in files),
                  None)
     return rules, admin
-
-
-# ------------------------------------------------------------------ stage commands on a run
-
-
-@dataclass
-class FinishedRun:
-    """A finished run reloaded from its ``run.json``: enough to redo track or export."""
-
-    dir: Path
-    manifest: dict[str, Any]
-    cfg: PipelineConfig
-    before: ingest.ImageSource
-    after: ingest.ImageSource
-    grid: Grid
-    params: align.AlignParams
-
-
-def load_finished(run_dir: str | Path) -> FinishedRun:
-    """Reload a run folder written by ``run`` or ``compare``."""
-    d = Path(run_dir)
-    man_path = d / "run.json"
-    if not man_path.is_file():
-        raise MissingFileError(f"{d}: no run.json; give the folder of a finished run")
-    man = json.loads(man_path.read_text(encoding="utf-8"))
-    cfg = config_from_dict(man["config"], man_path, Path(man.get("base_dir", ".")))
-    by_name = {p.name: p for p in cfg.periods}
-    before = ingest.open_period(by_name[man["periods"]["before"]["name"]], cfg.base_dir)
-    after = ingest.open_period(by_name[man["periods"]["after"]["name"]], cfg.base_dir)
-    g = man["grid"]
-    grid = Grid(tuple(g["shape"]), Affine(*g["transform"]), norm_crs(g["wkt"]))
-    params = align.params_from_record(man["alignment"])
-    return FinishedRun(d, man, cfg, before, after, grid, params)
-
-
-def _reexport(run: FinishedRun, patches: gpd.GeoDataFrame, stage: str) -> Path:
-    chips = ChipSource(run.before, run.after, run.grid, run.params)
-    timings = Timings(run.manifest.get("timings_s") or {})
-    manifest = {**run.manifest, "rerun": {"stage": stage, "at": dt.datetime.now().isoformat(
-        timespec="seconds")}}
-    with tempfile.TemporaryDirectory(dir=run.dir.parent) as tmp:
-        change = Path(tmp) / "change.tif"  # the COG itself is the block stage's raster
-        shutil.copyfile(run.dir / "change.tif", change)
-        with timings.stage("export"):
-            manifest["timings_s"] = timings
-            export.export_all(run.dir, patches.drop(columns=["evidence"], errors="ignore"),
-                              manifest=manifest, change_tif=change,
-                              evidence=chips.evidence, config=run.cfg, extent=run.grid.bounds)
-    return run.dir
-
-
-#: the stages a block-pass rerun can start from (``vectorize`` is ``classify``'s pass)
-RERUN_STAGES: tuple[str, ...] = ("align", "detect", "classify")
-
-
-def rerun_from(run_dir: str | Path, stage: str, *, workers: int | None = None,
-               scheduler: str | None = None) -> Path:
-    """Redo a finished run (``run`` or ``compare``) from ``stage`` on, in place: same run id,
-    config and imagery, the rule layers as their files are now; then track and export.
-
-    ``classify`` (and ``vectorize``, the same block pass) keeps the alignment and the
-    detector's decisions stored in the run (``work/scores-*.tif``) and computes only the
-    spectral evidence again: the way to apply new permits, forest or farmland layers without
-    running the models again. ``detect`` keeps the alignment and runs the detector (e.g. new
-    models). ``align`` estimates everything again. The config is the run's (``run.json``);
-    the rerun stops before writing anything when the imagery changed since (stored alignment
-    and decisions would not fit it: ``align`` then) or gives another grid.
-    """
-    if stage == "vectorize":  # one block pass with classify
-        stage = "classify"
-    if stage not in RERUN_STAGES:
-        raise ValueError(f"no stage {stage!r} to rerun from: {', '.join(RERUN_STAGES)}")
-    run = load_finished(run_dir)
-    cfg, man = run.cfg, run.manifest
-    _clear_leftovers(run.dir)
-    timings = Timings()
-    with timings.stage("ingest"):
-        sources = [ingest.open_period(p, cfg.base_dir) for p in cfg.periods]
-    report, spans = report_pairs(len(sources), cfg.detection.persist_periods)
-    reuse = None
-    if stage != "align":
-        reuse = _reuse(run, [report, *spans], with_scores=stage == "classify")
-    register = (cfg.path(cfg.register_path) if cfg.register_path and man.get("job") == "run"
-                else None)
-    extra = {k: man[k] for k in ("job", "config_path") if k in man}
-    extra["rerun"] = {"stage": stage, "at": dt.datetime.now().isoformat(timespec="seconds")}
-    try:
-        return _pipeline(cfg, sources, run.dir, run_id=man["run_id"], scheduler=scheduler,
-                         workers=workers, register=register, timings=timings, extra=extra,
-                         report=report, spans=spans, reuse=reuse, expect=man)
-    finally:
-        if scheduler:
-            close_dask_clients()
-
-
-def _reuse(run: FinishedRun, pairs: list[tuple[int, int]], *, with_scores: bool) -> Reuse:
-    """The stored alignment (and decisions) of each of a run's pairs."""
-    stored = run.manifest.get("pairs") or {}
-    params, scores = {}, {}
-    for a, b in pairs:
-        key = pair_key(a, b)
-        if key not in stored:
-            raise MissingFileError(f"{run.dir / 'run.json'}: no stored alignment of pair "
-                                   f"{key} (a run of an older tuban); rerun from the "
-                                   f"start: tuban align {run.dir}")
-        params[key] = align.params_from_record(stored[key]["alignment"])
-        if with_scores:
-            path = run.dir / stored[key]["scores"]
-            if not path.is_file():
-                raise MissingFileError(f"{path}: the run's stored decisions are missing; "
-                                       f"rerun from the detect stage: tuban detect {run.dir}")
-            scores[key] = path
-    return Reuse(params, scores)
 
 
 def _same_grid(grid: Grid, expect: dict[str, Any], out_dir: Path) -> None:
@@ -532,41 +418,3 @@ def _same_imagery(inputs: list[dict[str, Any]], expect: dict[str, Any], out_dir:
         raise InputError(f"{changed[0]}: changed since run {expect['run_id']}, whose "
                          f"alignment and decisions were made on it; rerun from the align "
                          f"stage: tuban align {out_dir}")
-
-
-def rerun_export(run_dir: str | Path) -> Path:
-    """Rewrite a run's outputs from its tracked patches (e.g. after a change to export)."""
-    run = load_finished(run_dir)
-    return _reexport(run, gpd.read_file(run.dir / "patches.gpkg"), "export")
-
-
-def rerun_track(run_dir: str | Path) -> Path:
-    """Match a run's patches against the register again (e.g. after importing field
-    verification), then re-export."""
-    run = load_finished(run_dir)
-    cand = run.dir / WORK / "candidates.gpkg"
-    if not cand.is_file():
-        raise MissingFileError(f"{cand}: no checkpoint of detected patches; rerun the run")
-    register = run.cfg.path(run.cfg.register_path) if run.cfg.register_path else None
-    run_id = run.manifest["run_id"]
-    after_date = run.manifest["periods"]["after"]["date"]
-    patches = _track(gpd.read_file(cand), register, run_id, after_date or run_id)
-    return _reexport(run, patches, "track")
-
-
-def inventory(config: str | Path) -> dict[str, Any]:
-    """The ingest stage alone: validate a config's imagery and layers and describe them."""
-    cfg = load_config(config)
-    sources = [ingest.open_period(p, cfg.base_dir) for p in cfg.periods]
-    grid = ingest.working_grid(sources, crs=cfg.crs, resolution=cfg.resolution,
-                               bounds=cfg.bounds)
-    rules = ingest.load_rules(cfg, grid)
-    return {
-        "config": str(config),
-        "grid": {"crs": grid.crs.to_string(), "shape": list(grid.shape),
-                 "resolution_m": grid.res, "bounds_lonlat": list(grid.bounds_in(4326))},
-        "periods": [{"name": s.name, "date": _iso(s.date),
-                     "sensor": s.sensor, "roles": list(s.roles), "files": len(s.paths),
-                     "crs": s.crs.to_string(), "resolution_m": s.res} for s in sources],
-        "rules": {role: int(len(gdf)) for role, gdf in rules.items()},
-    }

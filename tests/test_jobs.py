@@ -10,7 +10,7 @@ import geopandas as gpd
 import pytest
 import yaml
 
-from pipeline import jobs
+from pipeline import jobs, stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def test_persistence_removes_seasonal_keeps_violations(three_periods: Path,
     # a stage rerun of the three-period run replays both compared pairs: 03->06 and 03->09
     stored = sorted(p.name for p in (three / "work").glob("scores-*.tif"))
     assert stored == ["scores-0-1.tif", "scores-0-2.tif"]
-    jobs.rerun_from(three, "classify")
+    stages.rerun_from(three, "classify")
     again = gpd.read_file(three / "patches.gpkg")
     assert sorted(again["patch_id"]) == sorted(p3["patch_id"])
     assert _hits(again, harvest) == 0

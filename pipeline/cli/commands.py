@@ -128,27 +128,27 @@ def verify(config: Path, results: Path) -> None:
 @click.argument("config", type=click.Path(path_type=Path))
 def ingest(config: Path) -> None:
     """Stage ingest alone: validate CONFIG's imagery and rule layers and describe them."""
-    from .. import jobs
+    from .. import stages
 
-    click.echo(json.dumps(jobs.inventory(config), indent=2, ensure_ascii=False))
+    click.echo(json.dumps(stages.inventory(config), indent=2, ensure_ascii=False))
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def track(run_dir: Path) -> None:
     """Stage track again on a finished run (e.g. after `tuban verify`), then re-export."""
-    from .. import jobs
+    from .. import stages
 
-    click.echo(str(jobs.rerun_track(run_dir)))
+    click.echo(str(stages.rerun_track(run_dir)))
 
 
 @cli.command("export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def export_cmd(run_dir: Path) -> None:
     """Stage export again on a finished run: rewrite its outputs from its patches."""
-    from .. import jobs
+    from .. import stages
 
-    click.echo(str(jobs.rerun_export(run_dir)))
+    click.echo(str(stages.rerun_export(run_dir)))
 
 
 def _rerun_command(stage: str, doc: str) -> None:
@@ -157,10 +157,10 @@ def _rerun_command(stage: str, doc: str) -> None:
     @scheduler_opt
     @workers_opt
     def command(run_dir: Path, scheduler: str | None, workers: int | None) -> None:
-        from .. import jobs
+        from .. import stages
 
         _start_workers(scheduler, workers)
-        click.echo(str(jobs.rerun_from(run_dir, stage, workers=workers, scheduler=scheduler)))
+        click.echo(str(stages.rerun_from(run_dir, stage, workers=workers, scheduler=scheduler)))
 
 
 _rerun_command("align", "Stage align again on a finished run, and every stage after it: the "

@@ -1,0 +1,183 @@
+"""One command per stage (DESIGN.md): the ingest stage alone, and every later stage again on
+a finished run (``run`` or ``compare``), in place. The block-pass stages go through
+:func:`pipeline.jobs.execute` with what the run kept; track and export redo only
+themselves."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+from affine import Affine
+
+from . import align, export, ingest
+from .blocks import close_dask_clients
+from .chips import ChipSource
+from .config import PipelineConfig, config_from_dict, load_config
+from .errors import MissingFileError
+from .grid import Grid, norm_crs
+from .jobs import (
+    WORK,
+    Reuse,
+    clear_leftovers,
+    execute,
+    iso_date,
+    pair_key,
+    report_pairs,
+    track_patches,
+)
+from .progress import Timings
+
+
+def inventory(config: str | Path) -> dict[str, Any]:
+    """The ingest stage alone: validate a config's imagery and layers and describe them."""
+    cfg = load_config(config)
+    sources = [ingest.open_period(p, cfg.base_dir) for p in cfg.periods]
+    grid = ingest.working_grid(sources, crs=cfg.crs, resolution=cfg.resolution,
+                               bounds=cfg.bounds)
+    rules = ingest.load_rules(cfg, grid)
+    return {
+        "config": str(config),
+        "grid": {"crs": grid.crs.to_string(), "shape": list(grid.shape),
+                 "resolution_m": grid.res, "bounds_lonlat": list(grid.bounds_in(4326))},
+        "periods": [{"name": s.name, "date": iso_date(s.date),
+                     "sensor": s.sensor, "roles": list(s.roles), "files": len(s.paths),
+                     "crs": s.crs.to_string(), "resolution_m": s.res} for s in sources],
+        "rules": {role: int(len(gdf)) for role, gdf in rules.items()},
+    }
+
+
+@dataclass
+class FinishedRun:
+    """A finished run reloaded from its ``run.json``: enough to redo track or export."""
+
+    dir: Path
+    manifest: dict[str, Any]
+    cfg: PipelineConfig
+    before: ingest.ImageSource
+    after: ingest.ImageSource
+    grid: Grid
+    params: align.AlignParams
+
+
+def load_finished(run_dir: str | Path) -> FinishedRun:
+    """Reload a run folder written by ``run`` or ``compare``."""
+    d = Path(run_dir)
+    man_path = d / "run.json"
+    if not man_path.is_file():
+        raise MissingFileError(f"{d}: no run.json; give the folder of a finished run")
+    man = json.loads(man_path.read_text(encoding="utf-8"))
+    cfg = config_from_dict(man["config"], man_path, Path(man.get("base_dir", ".")))
+    by_name = {p.name: p for p in cfg.periods}
+    before = ingest.open_period(by_name[man["periods"]["before"]["name"]], cfg.base_dir)
+    after = ingest.open_period(by_name[man["periods"]["after"]["name"]], cfg.base_dir)
+    g = man["grid"]
+    grid = Grid(tuple(g["shape"]), Affine(*g["transform"]), norm_crs(g["wkt"]))
+    params = align.params_from_record(man["alignment"])
+    return FinishedRun(d, man, cfg, before, after, grid, params)
+
+
+def _reexport(run: FinishedRun, patches: gpd.GeoDataFrame, stage: str) -> Path:
+    chips = ChipSource(run.before, run.after, run.grid, run.params)
+    timings = Timings(run.manifest.get("timings_s") or {})
+    manifest = {**run.manifest, "rerun": {"stage": stage, "at": dt.datetime.now().isoformat(
+        timespec="seconds")}}
+    with tempfile.TemporaryDirectory(dir=run.dir.parent) as tmp:
+        change = Path(tmp) / "change.tif"  # the COG itself is the block stage's raster
+        shutil.copyfile(run.dir / "change.tif", change)
+        with timings.stage("export"):
+            manifest["timings_s"] = timings
+            export.export_all(run.dir, patches.drop(columns=["evidence"], errors="ignore"),
+                              manifest=manifest, change_tif=change,
+                              evidence=chips.evidence, config=run.cfg, extent=run.grid.bounds)
+    return run.dir
+
+
+#: the stages a block-pass rerun can start from (``vectorize`` is ``classify``'s pass)
+RERUN_STAGES: tuple[str, ...] = ("align", "detect", "classify")
+
+
+def rerun_from(run_dir: str | Path, stage: str, *, workers: int | None = None,
+               scheduler: str | None = None) -> Path:
+    """Redo a finished run (``run`` or ``compare``) from ``stage`` on, in place: same run id,
+    config and imagery, the rule layers as their files are now; then track and export.
+
+    ``classify`` (and ``vectorize``, the same block pass) keeps the alignment and the
+    detector's decisions stored in the run (``work/scores-*.tif``) and computes only the
+    spectral evidence again: the way to apply new permits, forest or farmland layers without
+    running the models again. ``detect`` keeps the alignment and runs the detector (e.g. new
+    models). ``align`` estimates everything again. The config is the run's (``run.json``);
+    the rerun stops before writing anything when the imagery changed since (stored alignment
+    and decisions would not fit it: ``align`` then) or gives another grid.
+    """
+    if stage == "vectorize":  # one block pass with classify
+        stage = "classify"
+    if stage not in RERUN_STAGES:
+        raise ValueError(f"no stage {stage!r} to rerun from: {', '.join(RERUN_STAGES)}")
+    run = load_finished(run_dir)
+    cfg, man = run.cfg, run.manifest
+    clear_leftovers(run.dir)
+    timings = Timings()
+    with timings.stage("ingest"):
+        sources = [ingest.open_period(p, cfg.base_dir) for p in cfg.periods]
+    report, spans = report_pairs(len(sources), cfg.detection.persist_periods)
+    reuse = None
+    if stage != "align":
+        reuse = _reuse(run, [report, *spans], with_scores=stage == "classify")
+    register = (cfg.path(cfg.register_path) if cfg.register_path and man.get("job") == "run"
+                else None)
+    extra = {k: man[k] for k in ("job", "config_path") if k in man}
+    extra["rerun"] = {"stage": stage, "at": dt.datetime.now().isoformat(timespec="seconds")}
+    try:
+        return execute(cfg, sources, run.dir, run_id=man["run_id"], scheduler=scheduler,
+                         workers=workers, register=register, timings=timings, extra=extra,
+                         report=report, spans=spans, reuse=reuse, expect=man)
+    finally:
+        if scheduler:
+            close_dask_clients()
+
+
+def _reuse(run: FinishedRun, pairs: list[tuple[int, int]], *, with_scores: bool) -> Reuse:
+    """The stored alignment (and decisions) of each of a run's pairs."""
+    stored = run.manifest.get("pairs") or {}
+    params, scores = {}, {}
+    for a, b in pairs:
+        key = pair_key(a, b)
+        if key not in stored:
+            raise MissingFileError(f"{run.dir / 'run.json'}: no stored alignment of pair "
+                                   f"{key} (a run of an older tuban); rerun from the "
+                                   f"start: tuban align {run.dir}")
+        params[key] = align.params_from_record(stored[key]["alignment"])
+        if with_scores:
+            path = run.dir / stored[key]["scores"]
+            if not path.is_file():
+                raise MissingFileError(f"{path}: the run's stored decisions are missing; "
+                                       f"rerun from the detect stage: tuban detect {run.dir}")
+            scores[key] = path
+    return Reuse(params, scores)
+
+
+def rerun_export(run_dir: str | Path) -> Path:
+    """Rewrite a run's outputs from its tracked patches (e.g. after a change to export)."""
+    run = load_finished(run_dir)
+    return _reexport(run, gpd.read_file(run.dir / "patches.gpkg"), "export")
+
+
+def rerun_track(run_dir: str | Path) -> Path:
+    """Match a run's patches against the register again (e.g. after importing field
+    verification), then re-export."""
+    run = load_finished(run_dir)
+    cand = run.dir / WORK / "candidates.gpkg"
+    if not cand.is_file():
+        raise MissingFileError(f"{cand}: no checkpoint of detected patches; rerun the run")
+    register = run.cfg.path(run.cfg.register_path) if run.cfg.register_path else None
+    run_id = run.manifest["run_id"]
+    after_date = run.manifest["periods"]["after"]["date"]
+    patches = track_patches(gpd.read_file(cand), register, run_id, after_date or run_id)
+    return _reexport(run, patches, "track")
