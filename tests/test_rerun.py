@@ -210,3 +210,25 @@ def test_alignment_record_round_trip() -> None:
                           (("bright", 0.12), ("texture", 0.03)))
     rec = json.loads(json.dumps(align.params_record(p)))
     assert align.params_from_record(rec) == p
+
+
+def test_classify_replays_the_default_on_sub_metre_rgb_nir(tmp_path: Path) -> None:
+    """1 m RGB+NIR (GF-2-like), the default detector: the RGB model with its network, and
+    the spectral detector's decisions inside forest, farmland and ecological land
+    (``change_any``). A replay of both stored decisions gives the same patches."""
+    sample = ROOT / "sample_tiles"
+    out = tmp_path / "out"
+    res = tuban("compare", sample / "2024-03" / "scene.tif", sample / "2024-06" / "scene.tif",
+                "-o", out, "--rules", sample / "rules", "--bands",
+                "blue=1,green=2,red=3,nir=4")
+    assert res.returncode == 0, res.stderr
+    man = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert man["detector"]["name"] == "learned" and "open_ground" in man["detector"]
+    first = _patches(out)
+    assert {"forest_grave", "land_occupation"} <= set(first["category"])  # change_any's
+    with rasterio.open(out / "work" / "scores-0-1.tif") as src:
+        change, change_any = src.read()
+    assert (change_any > 0).sum() > (change > 0).sum()  # two different decisions stored
+    res = tuban("classify", out)
+    assert res.returncode == 0, res.stderr
+    _same_patches(first, _patches(out), conf_tol=0.002)
