@@ -234,7 +234,7 @@ def execute(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: Pat
         manifest["inputs"] = inputs.result()
         with timings.stage("track"):
             patches = track_patches(patches, register, run_id,
-                             _meta(before, after, grid, run_id)["after_date"] or run_id)
+                                    _meta(before, after, grid, run_id)["after_date"] or run_id)
         _finish(out_dir, change_tif, cfg=cfg, grid=grid, before=before, after=after,
                 pair=pair, patches=patches, timings=timings, manifest=manifest,
                 checkpoints=checkpoints, workers=n_workers, scheduler=scheduler)
@@ -283,7 +283,7 @@ def clear_leftovers(out_dir: Path) -> None:
 
 
 def track_patches(patches: gpd.GeoDataFrame, register: Path | None, run_id: str,
-           run_date: str) -> gpd.GeoDataFrame:
+                  run_date: str) -> gpd.GeoDataFrame:
     from . import track
 
     if register is None:  # compare: ids from an empty register, every patch new
@@ -317,8 +317,8 @@ def run(config: str | Path, *, scheduler: str | None = None, workers: int | None
     register = cfg.path(cfg.register_path) if cfg.register_path else None
     try:
         return execute(cfg, sources, out_dir, run_id=run_id, scheduler=scheduler,
-                         workers=workers, register=register, timings=timings,
-                         extra=extra, report=report, spans=spans)
+                       workers=workers, register=register, timings=timings,
+                       extra=extra, report=report, spans=spans)
     finally:
         if scheduler:  # a client per job: nothing stays connected after it
             close_dask_clients()
@@ -366,7 +366,7 @@ def compare(before_path: str | Path, after_path: str | Path, outdir: str | Path,
     data["periods"] = periods
     data["register"] = None
     if rules_dir is not None:
-        data["rules"], data["admin"] = _rules_from_dir(Path(rules_dir))
+        data["rules"], data["admin"] = rules_from_dir(Path(rules_dir))
     elif base_cfg is not None:
         # the config's layers, their paths made absolute (compare resolves from the cwd)
         def absolute(layer: Any) -> dict[str, Any]:
@@ -378,15 +378,17 @@ def compare(before_path: str | Path, after_path: str | Path, outdir: str | Path,
     cfg = config_from_dict(data, Path(config or "compare"), Path.cwd())
     run_id = new_run_id("compare", "pair")
     try:
-        return execute(cfg, [before, after], Path(outdir), run_id=run_id, scheduler=scheduler,
-                         workers=workers, register=None, timings=timings,
-                         extra={"job": "compare"})
+        return execute(cfg, [before, after], Path(outdir), run_id=run_id,
+                       scheduler=scheduler, workers=workers, register=None, timings=timings,
+                       extra={"job": "compare"})
     finally:
         if scheduler:  # a client per job: nothing stays connected after it
             close_dask_clients()
 
 
-def _rules_from_dir(d: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def rules_from_dir(d: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Rule layers (by role) and street offices of a folder whose files are named by role
+    (``forest.gpkg``, ``permits.geojson``, ``street_offices.shp``, ...): config entries."""
     if not d.is_dir():
         raise InputError(f"{d}: --rules must be a folder of rule layers (forest.gpkg, ...)")
     files = {p.stem.lower(): p for p in sorted(d.iterdir())

@@ -20,7 +20,7 @@ from . import align, export, ingest
 from .blocks import close_dask_clients
 from .chips import ChipSource
 from .config import PipelineConfig, config_from_dict, load_config
-from .errors import MissingFileError
+from .errors import InputError, MissingFileError
 from .grid import Grid, norm_crs
 from .jobs import (
     WORK,
@@ -30,6 +30,7 @@ from .jobs import (
     iso_date,
     pair_key,
     report_pairs,
+    rules_from_dir,
     track_patches,
 )
 from .progress import Timings
@@ -103,10 +104,12 @@ def _reexport(run: FinishedRun, patches: gpd.GeoDataFrame, stage: str) -> Path:
 RERUN_STAGES: tuple[str, ...] = ("align", "detect", "classify")
 
 
-def rerun_from(run_dir: str | Path, stage: str, *, workers: int | None = None,
-               scheduler: str | None = None) -> Path:
+def rerun_from(run_dir: str | Path, stage: str, *, rules_dir: str | Path | None = None,
+               workers: int | None = None, scheduler: str | None = None) -> Path:
     """Redo a finished run (``run`` or ``compare``) from ``stage`` on, in place: same run id,
-    config and imagery, the rule layers as their files are now; then track and export.
+    config and imagery, the rule layers as their files are now, or those of ``rules_dir``
+    (named by role as for ``compare --rules``; the street offices stay the run's when the
+    folder has none); then track and export.
 
     ``classify`` (and ``vectorize``, the same block pass) keeps the alignment and the
     detector's decisions stored in the run (``work/scores-*.tif``) and computes only the
@@ -122,6 +125,8 @@ def rerun_from(run_dir: str | Path, stage: str, *, workers: int | None = None,
         raise ValueError(f"no stage {stage!r} to rerun from: {', '.join(RERUN_STAGES)}")
     run = load_finished(run_dir)
     cfg, man = run.cfg, run.manifest
+    if rules_dir is not None:
+        cfg = _with_rules(cfg, Path(rules_dir), run.dir / "run.json")
     clear_leftovers(run.dir)
     timings = Timings()
     with timings.stage("ingest"):
@@ -136,11 +141,25 @@ def rerun_from(run_dir: str | Path, stage: str, *, workers: int | None = None,
     extra["rerun"] = {"stage": stage, "at": dt.datetime.now().isoformat(timespec="seconds")}
     try:
         return execute(cfg, sources, run.dir, run_id=man["run_id"], scheduler=scheduler,
-                         workers=workers, register=register, timings=timings, extra=extra,
-                         report=report, spans=spans, reuse=reuse, expect=man)
+                       workers=workers, register=register, timings=timings, extra=extra,
+                       report=report, spans=spans, reuse=reuse, expect=man)
     finally:
         if scheduler:
             close_dask_clients()
+
+
+def _with_rules(cfg: PipelineConfig, rules_dir: Path, source: Path) -> PipelineConfig:
+    """``cfg`` with the rule layers of ``rules_dir`` (and its street offices, if it has them)."""
+    rules, admin = rules_from_dir(rules_dir.resolve())  # absolute: the run's base is not cwd
+    if not rules:
+        raise InputError(f"{rules_dir}: no rule layers (forest, farmland, ecological_redline, "
+                         "permits or cemeteries as .gpkg, .geojson or .shp); give the folder "
+                         "that holds them")
+    data = cfg.model_dump(by_alias=True, exclude={"base_dir"})
+    data["rules"] = rules
+    if admin is not None:
+        data["admin"] = admin
+    return config_from_dict(data, source, cfg.base_dir)
 
 
 def _reuse(run: FinishedRun, pairs: list[tuple[int, int]], *, with_scores: bool) -> Reuse:

@@ -83,6 +83,39 @@ def test_classify_applies_a_new_permit_without_detecting_again(
     assert sorted(hist["patch_id"]) == sorted(after["patch_id"])  # one row each, no duplicate
 
 
+def test_classify_with_another_rules_folder(tmp_path: Path) -> None:
+    """A compare classified again with a new delivery of rule layers (another folder): the
+    permitted building goes, and the run keeps using the new folder from then on."""
+    sample = ROOT / "sample_tiles"
+    out = tmp_path / "out"
+    assert tuban("compare", sample / "2024-03" / "scene.tif", sample / "2024-06" / "scene.tif",
+                 "-o", out, "--rules", sample / "rules", "--config",
+                 ROOT / "configs" / "sample.yaml").returncode == 0
+    before = _patches(out)
+    built = before[before["category"] == "illegal_construction"]
+    pid = built["patch_id"].iloc[0]
+    q3 = tmp_path / "rules-2024Q3"
+    shutil.copytree(sample / "rules", q3)
+    layer = gpd.read_file(q3 / "permits.geojson")
+    grant = gpd.GeoDataFrame({"permit_no": ["new"]}, geometry=[built.geometry.iloc[0].buffer(3)],
+                             crs=before.crs).to_crs(layer.crs)
+    pd.concat([layer, grant]).to_file(q3 / "permits.geojson", driver="GeoJSON")
+    (q3 / "street_offices.geojson").unlink()  # the offices stay the run's
+    res = tuban("classify", out, "--rules", q3)
+    assert res.returncode == 0, res.stderr
+    after = _patches(out)
+    _same_patches(before[before["patch_id"] != pid].reset_index(drop=True), after)
+    assert after["admin_code"].notna().all()
+    cfg = json.loads((out / "run.json").read_text(encoding="utf-8"))["config"]
+    assert Path(cfg["rules"]["permits"]["path"]) == q3 / "permits.geojson"
+    assert Path(cfg["admin"]["path"]) == sample / "rules" / "street_offices.geojson"
+    assert tuban("classify", out).returncode == 0  # the new folder is the run's now
+    _same_patches(after, _patches(out))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _assert_clean_failure(tuban("classify", out, "--rules", empty), "empty", "rule layers")
+
+
 def test_detect_and_align_reruns_reproduce_the_run(own_permits: tuple[Path, Path],
                                                    tmp_path: Path) -> None:
     run = tmp_path / "runs" / "first"

@@ -154,13 +154,18 @@ def export_cmd(run_dir: Path) -> None:
 def _rerun_command(stage: str, doc: str) -> None:
     @cli.command(stage, help=doc)
     @click.argument("run_dir", type=click.Path(path_type=Path))
+    @click.option("--rules", type=click.Path(path_type=Path), default=None,
+                  help="Folder of rule layers to use instead of the run's (forest.gpkg, "
+                       "permits.geojson, ..., street_offices.gpkg), as for compare.")
     @scheduler_opt
     @workers_opt
-    def command(run_dir: Path, scheduler: str | None, workers: int | None) -> None:
+    def command(run_dir: Path, rules: Path | None, scheduler: str | None,
+                workers: int | None) -> None:
         from .. import stages
 
         _start_workers(scheduler, workers)
-        click.echo(str(stages.rerun_from(run_dir, stage, workers=workers, scheduler=scheduler)))
+        click.echo(str(stages.rerun_from(run_dir, stage, rules_dir=rules, workers=workers,
+                                         scheduler=scheduler)))
 
 
 _rerun_command("align", "Stage align again on a finished run, and every stage after it: the "
