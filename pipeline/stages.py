@@ -105,11 +105,14 @@ RERUN_STAGES: tuple[str, ...] = ("align", "detect", "classify")
 
 
 def rerun_from(run_dir: str | Path, stage: str, *, rules_dir: str | Path | None = None,
-               workers: int | None = None, scheduler: str | None = None) -> Path:
+               config: str | Path | None = None, workers: int | None = None,
+               scheduler: str | None = None) -> Path:
     """Redo a finished run (``run`` or ``compare``) from ``stage`` on, in place: same run id,
     config and imagery, the rule layers as their files are now, or those of ``rules_dir``
     (named by role as for ``compare --rules``; the street offices stay the run's when the
-    folder has none); then track and export.
+    folder has none); then track and export. ``config`` (runs of ``tuban run`` only) replaces
+    the run's config: same imagery and register, and the settings the stored alignment and
+    decisions were made with (:data:`KEPT_BY_STAGE`), e.g. new minimum areas.
 
     ``classify`` (and ``vectorize``, the same block pass) keeps the alignment and the
     detector's decisions stored in the run (``work/scores-*.tif``) and computes only the
@@ -125,6 +128,8 @@ def rerun_from(run_dir: str | Path, stage: str, *, rules_dir: str | Path | None 
         raise ValueError(f"no stage {stage!r} to rerun from: {', '.join(RERUN_STAGES)}")
     run = load_finished(run_dir)
     cfg, man = run.cfg, run.manifest
+    if config is not None:
+        cfg = _with_config(run, Path(config), stage)
     if rules_dir is not None:
         cfg = _with_rules(cfg, Path(rules_dir), run.dir / "run.json")
     clear_leftovers(run.dir)
@@ -138,6 +143,8 @@ def rerun_from(run_dir: str | Path, stage: str, *, rules_dir: str | Path | None 
     register = (cfg.path(cfg.register_path) if cfg.register_path and man.get("job") == "run"
                 else None)
     extra = {k: man[k] for k in ("job", "config_path") if k in man}
+    if config is not None:
+        extra["config_path"] = str(config)
     extra["rerun"] = {"stage": stage, "at": dt.datetime.now().isoformat(timespec="seconds")}
     try:
         return execute(cfg, sources, run.dir, run_id=man["run_id"], scheduler=scheduler,
@@ -146,6 +153,50 @@ def rerun_from(run_dir: str | Path, stage: str, *, rules_dir: str | Path | None 
     finally:
         if scheduler:
             close_dask_clients()
+
+
+#: settings a rerun from each stage keeps from the run (a config given to it must have them):
+#: what its stored alignment, and for classify its stored decisions, were made with
+_ALIGNED: tuple[str, ...] = ("align", "detection.coregister", "detection.normalize",
+                             "detection.max_shift_px", "detection.cloud_mask")
+KEPT_BY_STAGE: dict[str, tuple[str, ...]] = {
+    "align": ("detection.persist_periods",),
+    "detect": ("detection.persist_periods", *_ALIGNED),
+    "classify": ("detection.persist_periods", *_ALIGNED, "detection.method",
+                 "detection.threshold", "detection.building_network"),
+}
+
+
+def _with_config(run: FinishedRun, config: Path, stage: str) -> PipelineConfig:
+    """``config`` for a rerun of ``run`` from ``stage``, once it is known to describe the same
+    imagery, register and kept settings (the grid is checked with the imagery)."""
+    if run.manifest.get("job") != "run":
+        raise InputError(f"{config}: --config reruns runs of `tuban run`; {run.dir} is a "
+                         "compare: give its new rule layers with --rules DIR")
+    new, old = load_config(config), run.cfg
+    run_id = run.manifest["run_id"]
+
+    def imagery(cfg: PipelineConfig) -> list[tuple[str, list[str]]]:
+        return [(p.name, [str(f) for f in ingest.open_period(p, cfg.base_dir).paths])
+                for p in cfg.periods]
+
+    def register(cfg: PipelineConfig) -> Path | None:
+        return cfg.path(cfg.register_path) if cfg.register_path else None
+
+    if imagery(new) != imagery(old) or register(new) != register(old):
+        raise InputError(f"{config}: its periods, imagery or register differ from run "
+                         f"{run_id}'s; start a new run (tuban run {config})")
+    a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
+    for key in KEPT_BY_STAGE[stage]:
+        va, vb = a, b
+        for part in key.split("."):
+            va, vb = va[part], vb[part]
+        if va != vb:
+            back = "align" if key in (*_ALIGNED, "detection.persist_periods") else "detect"
+            raise InputError(f"{config}: {key} is {vb!r}, run {run_id} was made with {va!r}; "
+                             f"rerun from an earlier stage: tuban {back} {run.dir} "
+                             f"--config {config}")
+    return new
 
 
 def _with_rules(cfg: PipelineConfig, rules_dir: Path, source: Path) -> PipelineConfig:

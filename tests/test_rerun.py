@@ -114,6 +114,48 @@ def test_classify_with_another_rules_folder(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     _assert_clean_failure(tuban("classify", out, "--rules", empty), "empty", "rule layers")
+    _assert_clean_failure(tuban("classify", out, "--config", ROOT / "configs" / "sample.yaml"),
+                          "sample.yaml", "--rules")  # a compare takes new layers, not configs
+
+
+def _edited(cfg: Path, name: str, **changes: dict) -> Path:
+    data = yaml.safe_load(cfg.read_text(encoding="utf-8"))
+    for key, value in changes.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    out = cfg.with_name(name)
+    out.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return out
+
+
+def test_rerun_with_another_config(own_permits: tuple[Path, Path], tmp_path: Path) -> None:
+    cfg, _ = own_permits
+    run = tmp_path / "runs" / "first"
+    before = _patches(run)
+    assert (before["category"] == "forest_grave").any()
+    # new minimum areas: graves under 10 ha are no longer reported, nothing else changes
+    big = _edited(cfg, "big.yaml", categories={"forest_grave": {"min_area_m2": 1e5}})
+    res = tuban("classify", run, "--config", big)
+    assert res.returncode == 0, res.stderr
+    after = _patches(run)
+    _same_patches(before[before["category"] != "forest_grave"].reset_index(drop=True), after)
+    man = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    assert man["config"]["categories"]["forest_grave"]["min_area_m2"] == 1e5
+    assert man["config_path"] == str(big)
+    reg = gpd.read_file(tmp_path / "runs" / "register.gpkg", layer="patches")
+    assert set(reg["patch_id"]) == set(after["patch_id"])
+    # a setting the stored decisions were made with: classify refuses, detect takes it
+    net = _edited(cfg, "net.yaml", detection={"method": "learned"})
+    kept = (run / "run.json").read_bytes()
+    _assert_clean_failure(tuban("classify", run, "--config", net), "net.yaml",
+                          "detection.method", "tuban detect")
+    assert (run / "run.json").read_bytes() == kept
+    res = tuban("detect", run, "--config", net)
+    assert res.returncode == 0, res.stderr
+    man = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    assert man["detector"]["name"] == "learned" and man["rerun"]["stage"] == "detect"
+    # other imagery or another register: a new run, not a rerun
+    other = _edited(cfg, "other.yaml", register=str(tmp_path / "elsewhere.gpkg"))
+    _assert_clean_failure(tuban("align", run, "--config", other), "other.yaml", "new run")
 
 
 def test_detect_and_align_reruns_reproduce_the_run(own_permits: tuple[Path, Path],

@@ -157,15 +157,18 @@ def _rerun_command(stage: str, doc: str) -> None:
     @click.option("--rules", type=click.Path(path_type=Path), default=None,
                   help="Folder of rule layers to use instead of the run's (forest.gpkg, "
                        "permits.geojson, ..., street_offices.gpkg), as for compare.")
+    @click.option("--config", "config", type=click.Path(path_type=Path), default=None,
+                  help="A config to use instead of the run's (runs of `tuban run`): same "
+                       "imagery and register, e.g. new minimum areas or rule layers.")
     @scheduler_opt
     @workers_opt
-    def command(run_dir: Path, rules: Path | None, scheduler: str | None,
-                workers: int | None) -> None:
+    def command(run_dir: Path, rules: Path | None, config: Path | None,
+                scheduler: str | None, workers: int | None) -> None:
         from .. import stages
 
         _start_workers(scheduler, workers)
-        click.echo(str(stages.rerun_from(run_dir, stage, rules_dir=rules, workers=workers,
-                                         scheduler=scheduler)))
+        click.echo(str(stages.rerun_from(run_dir, stage, rules_dir=rules, config=config,
+                                         workers=workers, scheduler=scheduler)))
 
 
 _rerun_command("align", "Stage align again on a finished run, and every stage after it: the "
