@@ -15,7 +15,6 @@ import gc
 import json
 import logging
 import math
-import re
 import shutil
 import tempfile
 import time
@@ -48,7 +47,7 @@ from .evidence import (
     render_evidence,
 )
 from .progress import Progress
-from .report import CATEGORY_COLORS
+from .report import CATEGORY_COLORS, office_task_name
 from .track import empty_register, issued, match
 from .types import CATEGORY_CODES, CATEGORY_ZH, MU_M2, NOT_OBSERVED, VIOLATIONS, BBox
 from .values import jsonable
@@ -347,19 +346,6 @@ def _write_task_rows(rows: list[dict[str, Any]], path: str | Path) -> None:
         w.writerow([f"{zh} {key}" for key, zh in TASK_COLUMNS])
         for row in rows:
             w.writerow(["" if row[k] is None else row[k] for k, _ in TASK_COLUMNS])
-
-
-#: the task list of patches in no street office
-UNASSIGNED_TASKS = "unassigned.csv"
-
-
-def office_task_name(code: Any, name: Any) -> str:
-    """File name of a street office's task list: ``<code>_<name>.csv`` (path separators and
-    spaces in the name replaced), :data:`UNASSIGNED_TASKS` without a code."""
-    if code is None or str(code).strip() == "":
-        return UNASSIGNED_TASKS
-    label = re.sub(r"[\\/:*?\"<>|\s]+", "_", str(name or "").strip()).strip("_")
-    return f"{code}_{label}.csv" if label else f"{code}.csv"
 
 
 def write_office_tasks(rows: list[dict[str, Any]], folder: str | Path) -> dict[str, int]:

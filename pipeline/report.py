@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import quote
 
 import pandas as pd
 
@@ -184,6 +186,28 @@ class _Raw(str):
     """Markup that :func:`_row` must not escape."""
 
 
+#: the task list of patches in no street office
+UNASSIGNED_TASKS = "unassigned.csv"
+
+
+def office_task_name(code: Any, name: Any) -> str:
+    """File name of a street office's task list: ``<code>_<name>.csv`` (path separators and
+    spaces in the name replaced), :data:`UNASSIGNED_TASKS` without a code."""
+    if code is None or str(code).strip() == "":
+        return UNASSIGNED_TASKS
+    label = re.sub(r"[\\/:*?\"<>|\s]+", "_", str(name or "").strip()).strip("_")
+    return f"{code}_{label}.csv" if label else f"{code}.csv"
+
+
+def _task_link(office: Mapping[str, Any]) -> Any:
+    """An office's task count, linked to its task list (``tasks/``, written by export)."""
+    n = office["tasks"]
+    if not n:
+        return n
+    name = office_task_name(office["admin_code"], office["admin_name"])
+    return _Raw(f'<a href="tasks/{html.escape(quote(name))}">{n}</a>')
+
+
 def _row(cells: Iterable[Any], left: int = 1) -> str:
     out = []
     for i, c in enumerate(cells):
@@ -222,7 +246,8 @@ def render_html(summary: Mapping[str, Any], patches_geojson: Mapping[str, Any],
     adm_head = "".join(f"<th>{esc(CATEGORY_ZH[c])}</th>" for c in cats)
     adm_rows = "".join(
         _row([a["admin_name"], a["admin_code"], *[a["by_category"][c] for c in cats],
-              a["count"], a["tasks"], f"{a['area_m2']:,.1f}", f"{a['area_mu']:,.2f}"], left=2)
+              a["count"], _task_link(a), f"{a['area_m2']:,.1f}", f"{a['area_mu']:,.2f}"],
+             left=2)
         for a in summary["by_admin"])
     st_rows = "".join(_row([f"{STATUS_ZH.get(s, s)} ({s})", n])
                       for s, n in summary["by_status"].items())

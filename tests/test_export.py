@@ -371,6 +371,13 @@ def test_export_all(tmp_path: Path, patches: gpd.GeoDataFrame, category_tif: Pat
     assert {p.name for p in out.iterdir()} == names
     assert sorted(p.name for p in (out / "tasks").iterdir()) == [
         "440303002_南园街道.csv", "440304001_福田街道.csv", "unassigned.csv"]
+    # the report links each office's task count to its list
+    import re
+    from urllib.parse import unquote
+
+    links = re.findall(r'href="(tasks/[^"]+)"', (out / "report.html").read_text())
+    assert sorted(unquote(h) for h in links) == sorted(
+        f"tasks/{p.name}" for p in (out / "tasks").iterdir())
     assert all(p.exists() for p in paths.values())
     n_violations = int((patches["category"] != "other_change").sum())
     assert len(list((out / "evidence").glob("*.png"))) == n_violations == len(patches) - 1
