@@ -58,6 +58,14 @@ def _versions() -> dict[str, str]:
             "shapely": shapely.__version__, "scikit-image": skimage.__version__}
 
 
+def rule_layer_paths(cfg: PipelineConfig) -> dict[str, Path]:
+    """The files of ``cfg``'s rule layers by role, and its street offices as ``admin``."""
+    out = {r: cfg.path(c.path) for r, c in cfg.rules.items()}
+    if cfg.admin:
+        out["admin"] = cfg.path(cfg.admin.path)
+    return out
+
+
 def _inputs_manifest(sources: list[ingest.ImageSource], layers: dict[str, Path]
                      ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
@@ -158,9 +166,7 @@ def execute(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: Pat
             _same_grid(grid, expect, out_dir)
         rules = ingest.load_rules(cfg, grid)
         admin = ingest.load_admin(cfg, grid) if cfg.admin else None
-    layer_paths = {r: cfg.path(c.path) for r, c in cfg.rules.items()}
-    if cfg.admin:
-        layer_paths["admin"] = cfg.path(cfg.admin.path)
+    layer_paths = rule_layer_paths(cfg)
     manifest: dict[str, Any] = {
         "run_id": run_id, "tool": "tuban", "versions": _versions(),
         "started": dt.datetime.now().isoformat(timespec="seconds"),
@@ -184,7 +190,6 @@ def execute(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: Pat
     if expect is not None and reuse is not None:  # before any work that would be wasted
         _same_imagery(inputs.result(), expect, out_dir)
     with resume.work_dir(out_dir, fingerprint(cfg, sources, extra)) as work:
-        tmp = str(work)
         n_workers = workers or cfg.workers or default_workers()
         # local workers share this machine's memory (Dask workers have their own): unless the
         # block size or the workers are set, as many workers as can hold the smallest block
@@ -204,10 +209,10 @@ def execute(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: Pat
         def detect(a: int, b: int, name: str) -> tuple[PairResult, gpd.GeoDataFrame]:
             key = pair_key(a, b)
             replay = reuse.scores.get(key) if reuse else None
-            scores = None if replay else Path(tmp) / f"scores-{key}.tif"
+            scores = None if replay else work / Path(scores_name(a, b)).name
             res = detect_pair(sources[a], sources[b], grid, rules=rules,
                               detection=cfg.detection, categories=dict(cfg.categories),
-                              block_size=block_size, change_path=Path(tmp) / name,
+                              block_size=block_size, change_path=work / name,
                               resampling=cfg.align.resampling,
                               workers=n_workers, scheduler=scheduler, timings=timings,
                               params=reuse.params.get(key) if reuse else None,
@@ -222,14 +227,14 @@ def execute(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: Pat
             return res, build_patches(res.records, grid.crs, rules=rules, admin=admin,
                                       meta=meta)
 
-        change_tif = Path(tmp) / "change-tiled.tif"
+        change_tif = work / "change-tiled.tif"
         pair, patches = detect(k, j, change_tif.name)
         if spans:
             patches = _confirm(patches, {sp: detect(*sp, f"span-{sp[0]}-{sp[1]}.tif")[1]
                                          for sp in spans}, (k, j), sources, cfg, manifest)
         manifest["pairs"] = pairs
         # checkpoint for `tuban track RUN_DIR`
-        checkpoints[f"{WORK}/candidates.gpkg"] = Path(tmp) / "candidates.gpkg"
+        checkpoints[f"{WORK}/candidates.gpkg"] = work / "candidates.gpkg"
         export.write_gpkg(patches, checkpoints[f"{WORK}/candidates.gpkg"])
         manifest["inputs"] = inputs.result()
         with timings.stage("track"):
@@ -246,12 +251,11 @@ def fingerprint(cfg: PipelineConfig, sources: list[ingest.ImageSource],
                 extra: dict[str, Any]) -> dict[str, Any]:
     """What an interrupted attempt must share with the next for it to resume: tuban's
     version, the job and stage, the config, and every input file's size and time."""
-    layers = [cfg.path(c.path) for c in cfg.rules.values()]
-    layers += [cfg.path(cfg.admin.path)] if cfg.admin else []
     return {"tuban": __version__, "job": extra.get("job"),
             "stage": (extra.get("rerun") or {}).get("stage"),
             "config": cfg.model_dump(mode="json", by_alias=True),
-            "files": resume.file_stamps([*(p for s in sources for p in s.paths), *layers])}
+            "files": resume.file_stamps([*(p for s in sources for p in s.paths),
+                                         *rule_layer_paths(cfg).values()])}
 
 
 def _confirm(patches: gpd.GeoDataFrame, span_patches: dict[tuple[int, int], gpd.GeoDataFrame],
