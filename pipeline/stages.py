@@ -56,13 +56,11 @@ def inventory(config: str | Path) -> dict[str, Any]:
 
 @dataclass
 class FinishedRun:
-    """A finished run reloaded from its ``run.json``: enough to redo track or export."""
+    """A finished run reloaded from its ``run.json`` (its imagery is opened where needed)."""
 
     dir: Path
     manifest: dict[str, Any]
     cfg: PipelineConfig
-    before: ingest.ImageSource
-    after: ingest.ImageSource
     grid: Grid
     params: align.AlignParams
 
@@ -75,20 +73,24 @@ def load_finished(run_dir: str | Path) -> FinishedRun:
         raise MissingFileError(f"{d}: no run.json; give the folder of a finished run")
     man = json.loads(man_path.read_text(encoding="utf-8"))
     cfg = config_from_dict(man["config"], man_path, Path(man.get("base_dir", ".")))
-    by_name = {p.name: p for p in cfg.periods}
-    before = ingest.open_period(by_name[man["periods"]["before"]["name"]], cfg.base_dir)
-    after = ingest.open_period(by_name[man["periods"]["after"]["name"]], cfg.base_dir)
     g = man["grid"]
     grid = Grid(tuple(g["shape"]), Affine(*g["transform"]), norm_crs(g["wkt"]))
     params = align.params_from_record(man["alignment"])
-    return FinishedRun(d, man, cfg, before, after, grid, params)
+    return FinishedRun(d, man, cfg, grid, params)
+
+
+def _rerun_stamp(stage: str) -> dict[str, str]:
+    """``run.json``'s ``rerun``: the stage a rerun started from, and when."""
+    return {"stage": stage, "at": dt.datetime.now().isoformat(timespec="seconds")}
 
 
 def _reexport(run: FinishedRun, patches: gpd.GeoDataFrame, stage: str) -> Path:
-    chips = ChipSource(run.before, run.after, run.grid, run.params)
+    by_name = {p.name: p for p in run.cfg.periods}
+    before, after = (ingest.open_period(by_name[run.manifest["periods"][k]["name"]],
+                                        run.cfg.base_dir) for k in ("before", "after"))
+    chips = ChipSource(before, after, run.grid, run.params)
     timings = Timings(run.manifest.get("timings_s") or {})
-    manifest = {**run.manifest, "rerun": {"stage": stage, "at": dt.datetime.now().isoformat(
-        timespec="seconds")}}
+    manifest = {**run.manifest, "rerun": _rerun_stamp(stage)}
     with tempfile.TemporaryDirectory(dir=run.dir.parent) as tmp:
         change = Path(tmp) / "change.tif"  # the COG itself is the block stage's raster
         shutil.copyfile(run.dir / "change.tif", change)
@@ -98,10 +100,6 @@ def _reexport(run: FinishedRun, patches: gpd.GeoDataFrame, stage: str) -> Path:
                               manifest=manifest, change_tif=change,
                               evidence=chips.evidence, config=run.cfg, extent=run.grid.bounds)
     return run.dir
-
-
-#: the stages a block-pass rerun can start from (``vectorize`` is ``classify``'s pass)
-RERUN_STAGES: tuple[str, ...] = ("align", "detect", "classify")
 
 
 def rerun_from(run_dir: str | Path, stage: str, *, rules_dir: str | Path | None = None,
@@ -136,6 +134,8 @@ def rerun_from(run_dir: str | Path, stage: str, *, rules_dir: str | Path | None 
     timings = Timings()
     with timings.stage("ingest"):
         sources = [ingest.open_period(p, cfg.base_dir) for p in cfg.periods]
+    if config is not None:
+        _same_imagery_as(run, sources, Path(config))
     report, spans = report_pairs(len(sources), cfg.detection.persist_periods)
     reuse = None
     if stage != "align":
@@ -145,7 +145,7 @@ def rerun_from(run_dir: str | Path, stage: str, *, rules_dir: str | Path | None 
     extra = {k: man[k] for k in ("job", "config_path") if k in man}
     if config is not None:
         extra["config_path"] = str(config)
-    extra["rerun"] = {"stage": stage, "at": dt.datetime.now().isoformat(timespec="seconds")}
+    extra["rerun"] = _rerun_stamp(stage)
     try:
         return execute(cfg, sources, run.dir, run_id=man["run_id"], scheduler=scheduler,
                        workers=workers, register=register, timings=timings, extra=extra,
@@ -165,27 +165,25 @@ KEPT_BY_STAGE: dict[str, tuple[str, ...]] = {
     "classify": ("detection.persist_periods", *_ALIGNED, "detection.method",
                  "detection.threshold", "detection.building_network"),
 }
+#: the stages a block-pass rerun can start from (``vectorize`` is ``classify``'s pass)
+RERUN_STAGES: tuple[str, ...] = tuple(KEPT_BY_STAGE)
 
 
 def _with_config(run: FinishedRun, config: Path, stage: str) -> PipelineConfig:
-    """``config`` for a rerun of ``run`` from ``stage``, once it is known to describe the same
-    imagery, register and kept settings (the grid is checked with the imagery)."""
+    """``config`` for a rerun of ``run`` from ``stage``, once it is known to keep the run's
+    register and kept settings (its imagery: :func:`_same_imagery_as`; its grid is checked
+    with the imagery)."""
     if run.manifest.get("job") != "run":
         raise InputError(f"{config}: --config reruns runs of `tuban run`; {run.dir} is a "
                          "compare: give its new rule layers with --rules DIR")
     new, old = load_config(config), run.cfg
     run_id = run.manifest["run_id"]
 
-    def imagery(cfg: PipelineConfig) -> list[tuple[str, list[str]]]:
-        return [(p.name, [str(f) for f in ingest.open_period(p, cfg.base_dir).paths])
-                for p in cfg.periods]
-
     def register(cfg: PipelineConfig) -> Path | None:
         return cfg.path(cfg.register_path) if cfg.register_path else None
 
-    if imagery(new) != imagery(old) or register(new) != register(old):
-        raise InputError(f"{config}: its periods, imagery or register differ from run "
-                         f"{run_id}'s; start a new run (tuban run {config})")
+    if register(new) != register(old):
+        raise _new_run(config, run_id)
     a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
     for key in KEPT_BY_STAGE[stage]:
         va, vb = a, b
@@ -197,6 +195,19 @@ def _with_config(run: FinishedRun, config: Path, stage: str) -> PipelineConfig:
                              f"rerun from an earlier stage: tuban {back} {run.dir} "
                              f"--config {config}")
     return new
+
+
+def _new_run(config: Path, run_id: str) -> InputError:
+    return InputError(f"{config}: its periods, imagery or register differ from run {run_id}'s; "
+                      f"start a new run (tuban run {config})")
+
+
+def _same_imagery_as(run: FinishedRun, sources: list[ingest.ImageSource],
+                     config: Path) -> None:
+    """The periods of ``config``, opened as ``sources``, are the run's, file for file."""
+    old = [ingest.open_period(p, run.cfg.base_dir) for p in run.cfg.periods]
+    if [(s.name, s.paths) for s in sources] != [(s.name, s.paths) for s in old]:
+        raise _new_run(config, run.manifest["run_id"])
 
 
 def _with_rules(cfg: PipelineConfig, rules_dir: Path, source: Path) -> PipelineConfig:
