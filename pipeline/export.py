@@ -328,24 +328,19 @@ def task_rows(patches: pd.DataFrame, priorities: Mapping[str, int] | None = None
     return rows
 
 
-def write_tasks_csv(patches: pd.DataFrame, path: str | Path,
-                    priorities: Mapping[str, int] | None = None) -> int:
-    """Write ``tasks.csv`` (UTF-8 with BOM, CRLF, bilingual headers) for field verification.
+def write_tasks_csv(rows: list[dict[str, Any]], path: str | Path) -> int:
+    """Write task rows (:func:`task_rows`) as ``tasks.csv`` (UTF-8 with BOM, CRLF, bilingual
+    headers) for field verification.
 
     Returns:
         The number of task rows.
     """
-    rows = task_rows(patches, priorities)
-    _write_task_rows(rows, path)
-    return len(rows)
-
-
-def _write_task_rows(rows: list[dict[str, Any]], path: str | Path) -> None:
     with atomic_open(path, "w", encoding="utf-8-sig", newline="") as f:
         w = csv.writer(f)
         w.writerow([f"{zh} {key}" for key, zh in TASK_COLUMNS])
         for row in rows:
             w.writerow(["" if row[k] is None else row[k] for k, _ in TASK_COLUMNS])
+    return len(rows)
 
 
 def write_office_tasks(rows: list[dict[str, Any]], folder: str | Path) -> dict[str, int]:
@@ -359,7 +354,7 @@ def write_office_tasks(rows: list[dict[str, Any]], folder: str | Path) -> dict[s
         by_file.setdefault(office_task_name(row["admin_code"], row["admin_name"]),
                            []).append(row)
     for name, own in by_file.items():
-        _write_task_rows([{**r, "seq": i} for i, r in enumerate(own, start=1)], folder / name)
+        write_tasks_csv([{**r, "seq": i} for i, r in enumerate(own, start=1)], folder / name)
     return {name: len(own) for name, own in by_file.items()}
 
 
@@ -504,8 +499,7 @@ def export_all(outdir: str | Path, patches: gpd.GeoDataFrame, *,
                 with rasterio.open(change_tif) as src:
                     extent = tuple(src.bounds)
         rows = task_rows(patches, priorities)
-        _write_task_rows(rows, stage / "tasks.csv")
-        n_tasks = len(rows)
+        n_tasks = write_tasks_csv(rows, stage / "tasks.csv")
         rel["tasks"] = "tasks.csv"
         by_office = write_office_tasks(rows, stage / "tasks")
         rel["office_tasks"] = "tasks"

@@ -224,7 +224,7 @@ def test_cog_rejects_non_category_raster(tmp_path: Path) -> None:
 def test_tasks_csv(tmp_path: Path, patches: gpd.GeoDataFrame) -> None:
     path = tmp_path / "tasks.csv"
     prio = {"land_occupation": 1, "illegal_construction": 2, "forest_grave": 3}
-    n = write_tasks_csv(patches, path, prio)
+    n = write_tasks_csv(task_rows(patches, prio), path)
     raw = path.read_bytes()
     assert raw.startswith(b"\xef\xbb\xbf") and b"\r\n" in raw
     with open(path, encoding="utf-8-sig", newline="") as f:
