@@ -112,16 +112,24 @@ def _merge_tree(src: Path, dst: Path, last: Sequence[str], replace: Sequence[str
     Files of ``dst``'s ``replace`` subfolders that ``src`` does not have are removed, when
     ``src`` has that subfolder, before the ``last`` files move."""
     files = sorted(p for p in src.rglob("*") if p.is_file() or p.is_symlink())
-    files.sort(key=lambda p: p.relative_to(src).as_posix() in last)  # stable: keeps order
+    first = [f for f in files if f.relative_to(src).as_posix() not in last]
+    final = [f for f in files if f.relative_to(src).as_posix() in last]
     stale = [f for d in replace if (src / d).is_dir() and (dst / d).is_dir()
              for f in (dst / d).rglob("*")
              if (f.is_file() or f.is_symlink()) and not (src / f.relative_to(dst)).exists()]
+    dirs = _move_all(first, src, dst)
+    for old in stale:
+        old.unlink(missing_ok=True)
+    dirs |= _move_all(final, src, dst)
+    for d in dirs | {dst}:
+        _fsync_path(d)
+
+
+def _move_all(files: list[Path], src: Path, dst: Path) -> set[Path]:
+    """``os.replace`` each of ``files`` (under ``src``) to its place under ``dst``; returns the
+    folders written to."""
     dirs: set[Path] = set()
     for f in files:
-        if stale and f.relative_to(src).as_posix() in last:
-            for old in stale:
-                old.unlink(missing_ok=True)
-            stale = []
         target = dst / f.relative_to(src)
         if target.parent not in dirs:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -129,10 +137,7 @@ def _merge_tree(src: Path, dst: Path, last: Sequence[str], replace: Sequence[str
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         os.replace(f, target)
-    for old in stale:  # no ``last`` file
-        old.unlink(missing_ok=True)
-    for d in dirs | {dst}:
-        _fsync_path(d)
+    return dirs
 
 
 @contextlib.contextmanager
