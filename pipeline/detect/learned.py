@@ -418,6 +418,12 @@ class LearnedDetector:
         out = from_cells(self._detect(*cells, roles, res_m * f, evidence=False), f, valid)
         return {**out, **spectral_evidence(before, after, valid, roles)}
 
+    def evidence(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
+                 roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
+        """What ``__call__`` returns but the decision: the spectral evidence, per pixel at any
+        work factor; no model runs (a replay of stored decisions, ``tuban classify``)."""
+        return spectral_evidence(before, after, valid, tuple(roles))
+
     def _detect(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
                 roles: tuple[str, ...], res_m: float, evidence: bool = True,
                 ) -> dict[str, np.ndarray]:

@@ -123,14 +123,12 @@ DECISIONS: tuple[str, ...] = ("change", "change_any")
 def evidence_of(det: ChangeDetector | Mapping[str, np.ndarray], *args: object,
                 ) -> dict[str, np.ndarray]:
     """A detector's output without its decisions: the layers classify reads beside change
-    scores stored by an earlier pass (``tuban classify RUN_DIR``). The learned detector's is its
-    spectral evidence (no model, no network), detectors with an ``evidence`` method give that,
-    others run whole. Given a dict of layers instead, those layers without the decisions."""
+    scores stored by an earlier pass (``tuban classify RUN_DIR``). Detectors with an
+    ``evidence`` method give that (the learned one: its spectral evidence, no model, no
+    network); others run whole. Given a dict of layers instead, those layers without the
+    decisions."""
     if isinstance(det, Mapping):
         out = det
-    elif isinstance(det, L.LearnedDetector):  # its evidence is per pixel at any work factor
-        before, after, valid, roles = args[:4]
-        out = L.spectral_evidence(before, after, valid, tuple(roles))  # type: ignore[arg-type]
     else:
         fn = getattr(det, "evidence", None)
         out = fn(*args) if fn is not None else det(*args)  # type: ignore[operator]
