@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -77,31 +77,35 @@ class _WithEvidence:
 
     def __call__(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
                  roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
-        f = work_factor(self)
-        if f == 1:
-            return self._both(before, after, valid, roles, res_m)
-        # imagery finer than the models' (learned.WORK_RES_M): both detectors on the same cells,
-        # averaged once (per pixel, the spectral detector took 26 of 63 s of block work on a
-        # 4096² scene at 0.125 m); brightness and vegetation stay per pixel
-        cells = L.to_cells(before, after, valid, f)
-        out = L.from_cells(self._both(*cells, roles, res_m * f), f, valid)
-        return {**out, **L.spectral_evidence(before, after, valid, roles)}
+        return self._at_work_scale(self._both, before, after, valid, roles, res_m)
 
     def evidence(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
                  roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
         """What ``__call__`` returns but the decisions (see :func:`evidence_of`)."""
+        return evidence_of(self._at_work_scale(self._evidence, before, after, valid, roles,
+                                               res_m))
+
+    def _at_work_scale(self, fn: Callable[..., dict[str, np.ndarray]], before: np.ndarray,
+                       after: np.ndarray, valid: np.ndarray, roles: tuple[str, ...],
+                       res_m: float) -> dict[str, np.ndarray]:
         f = work_factor(self)
         if f == 1:
-            return self._with_spectral(evidence_of(self.det, before, after, valid, roles, res_m),
-                                       before, after, valid, roles, res_m)
+            return fn(before, after, valid, roles, res_m)
+        # imagery finer than the models' (learned.WORK_RES_M): both detectors on the same cells,
+        # averaged once (per pixel, the spectral detector took 26 of 63 s of block work on a
+        # 4096² scene at 0.125 m); brightness and vegetation stay per pixel
         cells = L.to_cells(before, after, valid, f)
-        out = L.from_cells(self._with_spectral(evidence_of(self.det, *cells, roles, res_m * f),
-                                               *cells, roles, res_m * f), f, valid)
-        return {**evidence_of(out), **L.spectral_evidence(before, after, valid, roles)}
+        out = L.from_cells(fn(*cells, roles, res_m * f), f, valid)
+        return {**out, **L.spectral_evidence(before, after, valid, roles)}
 
     def _both(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
               roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
         return self._with_spectral(dict(self.det(before, after, valid, roles, res_m)),
+                                   before, after, valid, roles, res_m)
+
+    def _evidence(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
+                  roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
+        return self._with_spectral(evidence_of(self.det, before, after, valid, roles, res_m),
                                    before, after, valid, roles, res_m)
 
     def _with_spectral(self, out: dict[str, np.ndarray], before: np.ndarray, after: np.ndarray,
