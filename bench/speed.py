@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time 1 vs 2 local Dask workers on the 8000² pair")
     ap.add_argument("--out", type=Path, default=OUT / "speed.json")
     ap.add_argument("--summary", type=Path, default=None,
-                    help="only print the README table of a speed.json written earlier")
+                    help="only print the bench/RESULTS.md table of a speed.json written earlier")
     args = ap.parse_args(argv)
     if args.summary is not None:
         rep = json.loads(args.summary.read_text())
@@ -562,8 +562,8 @@ def _scaling_line(machine: dict[str, Any]) -> str:
 
 
 def summary_markdown(report: dict[str, Any], rows: list[dict]) -> str:
-    """The README table: one row per size and command, then memory scaling, the 100k-change
-    scene and the Dask speed-up (with the issue's targets)."""
+    """The bench/RESULTS.md table: one row per size and command, then memory scaling, the
+    100k-change scene and the Dask speed-up (with the issue's targets)."""
     out = ["| size | what | wall s | Mpx/s | peak RSS MiB | peak PSS MiB | × floor | × OTB |",
            "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
