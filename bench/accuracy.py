@@ -200,6 +200,11 @@ def run_compare(case_dir: Path, workdir: Path, model_dir: Path | None = None,
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()[-500:]}")
+    used = json.loads((out / "run.json").read_text())["detector"]["name"]
+    if model_dir is not None and used != "learned":  # the registry fell back: not a model run
+        why = [ln for ln in res.stderr.splitlines() if "learned detector" in ln]
+        raise RuntimeError(f"{' '.join(cmd)} ran the {used} detector instead of the models in "
+                           f"{model_dir}: {why[-1] if why else res.stderr.strip()[-300:]}")
     return rasterize_patches(out / "patches.geojson", case_dir / "label.tif")
 
 

@@ -84,3 +84,26 @@ def test_stale_fold_models_are_kept_until_asked(tmp_path: Path) -> None:
     with pytest.raises(A.StaleFolds, match="networks"):
         A.fold_models(cases, cache=cache)
     assert pixel.exists() and net.exists()
+
+
+def test_a_model_run_that_fell_back_to_the_spectral_detector_is_an_error(tmp_path: Path) -> None:
+    """A model folder whose detector cannot run (here a model wanting another feature list) makes
+    ``tuban compare`` fall back to the spectral detector with a warning; scoring that as the
+    models' figures would report the wrong detector, so the bench stops and says why."""
+    import shutil
+
+    from pipeline.detect import learned
+
+    write_case(tmp_path / "cases" / "elsewhere" / "town", seed=5, res_m=10.0)
+    models = tmp_path / "models"
+    models.mkdir()
+    txt, js = learned.model_paths("rgb")
+    shutil.copy(txt, models / txt.name)
+    meta = json.loads(js.read_text())
+    meta["features"] = meta["features"][::-1]
+    (models / js.name).write_text(json.dumps(meta))
+    with pytest.raises(RuntimeError, match=r"ran the spectral detector instead of the models "
+                                           r"in .*models: .*feature mismatch"):
+        A.run_compare(tmp_path / "cases" / "elsewhere" / "town", tmp_path / "out", models)
+    # the shipped models run as themselves
+    A.run_compare(tmp_path / "cases" / "elsewhere" / "town", tmp_path / "out2", learned.MODEL_DIR)
