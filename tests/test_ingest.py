@@ -604,9 +604,9 @@ def test_16bit_rgb_aerial_is_scaled_by_its_bit_depth(make_raster) -> None:
 
 
 def _fresh_handle_in_child(path: Path, inherited_id: int, conn) -> None:  # forked child
-    from pipeline import ingest
+    from pipeline.ingest import reader
 
-    conn.send(id(ingest._dataset(path)) != inherited_id)
+    conn.send(id(reader._dataset(path)) != inherited_id)
     conn.close()
 
 
@@ -615,12 +615,12 @@ def test_forked_process_opens_its_own_handle(make_raster) -> None:
     both read): a forked process (a notebook's multiprocessing pool) must open its own."""
     import multiprocessing as mp
 
-    from pipeline import ingest
+    from pipeline.ingest import reader
 
     path = Path(make_raster("fork.tif", np.full((3, 8, 8), 9, "uint16"),
                             descriptions=["red", "green", "blue"]))
-    parent = ingest._dataset(path)
-    assert ingest._dataset(path) is parent  # kept within a process
+    parent = reader._dataset(path)
+    assert reader._dataset(path) is parent  # kept within a process
     ctx = mp.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_fresh_handle_in_child, args=(path, id(parent), send))

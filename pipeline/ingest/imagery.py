@@ -1,7 +1,7 @@
-"""Ingest: describe each period's imagery, read windows of it onto the working grid, load rules.
+"""Describe each period's imagery: tiles, band roles, date, scale, nodata; the working grid.
 
-Nothing here reads a whole image at full resolution. ``open_period``/``open_image`` read only
-metadata (plus a ≤256 px thumbnail to pick a scale when nothing else says). A period is one of:
+Nothing here reads a whole image: ``open_period``/``open_image`` read only metadata (plus a
+≤256 px thumbnail to pick a scale when nothing else says). A period is one of:
 
 - multi-band GeoTIFF tiles (files, folders or globs), band roles from ``bands:``/``--bands``, a
   sensor preset, or the files' band descriptions / colour interpretation;
@@ -9,12 +9,6 @@ metadata (plus a ≤256 px thumbnail to pick a scale when nothing else says). A 
   name and grouped into tiles by file-name prefix, with their ``SCL``/``QA60``/``QA_PIXEL``
   masks (:mod:`pipeline.sensors`);
 - a STAC Item / ItemCollection / Catalog JSON with local assets (:mod:`pipeline.stac`).
-
-``read_block`` reads, for each tile and each file of it, the source window under one grid window
-(plus a few pixels of resampling context), decimated with ``out_shape`` when the grid is coarser
-than the source, and warps it with ``rasterio.warp.reproject`` (20/60 m bands are thus resampled
-onto a 10 m grid). Product quality masks are folded into its ``valid`` mask. ``read_overview``
-is ``read_block`` on a coarsened grid.
 """
 
 from __future__ import annotations
@@ -25,41 +19,33 @@ import glob
 import hashlib
 import logging
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar, get_args
 
-import geopandas as gpd
 import numpy as np
-import pyogrio
 import rasterio
-import shapely
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.enums import ColorInterp, MaskFlags
-from rasterio.enums import Resampling as RioResampling
-from rasterio.errors import RasterioIOError, WindowError
-from rasterio.transform import array_bounds
-from rasterio.warp import reproject, transform_bounds
-from rasterio.windows import Window, from_bounds
+from rasterio.enums import ColorInterp
+from rasterio.errors import RasterioIOError
+from rasterio.warp import transform_bounds
+from rasterio.windows import Window
 
-from . import qa as qa_masks
-from . import stac
-from .config import PeriodConfig, PipelineConfig
-from .errors import (
+from .. import stac
+from ..config import PeriodConfig
+from ..errors import (
     BandRoleError,
-    ConfigError,
     InputError,
     MissingCRSError,
     MissingFileError,
     NoOverlapError,
     NotRasterError,
 )
-from .grid import Grid, norm_crs
-from .sensors import (
+from ..grid import Grid, norm_crs
+from ..sensors import (
     DEFAULT_ROLES,
     NAME_ROLES,
     BandSet,
@@ -67,7 +53,7 @@ from .sensors import (
     group_band_files,
     resolve_preset,
 )
-from .types import BandRole, BBox, Resampling
+from ..types import BandRole, BBox
 
 log = logging.getLogger(__name__)
 
@@ -501,340 +487,6 @@ def working_grid(sources: list[ImageSource], *, crs: CRS | str, resolution: floa
                              "area and have correct CRS")
     return Grid.from_bounds((minx, miny, maxx, maxy), resolution, crs)
 
-
-# ------------------------------------------------------------------------------------ reads
-
-
-def _src_window(ds: rasterio.DatasetReader, dst_bounds: BBox, dst_crs: CRS, ratio: float,
-                pad_dst_px: int = 3) -> Window | None:
-    """Source window under ``dst_bounds`` plus ``pad_dst_px`` destination pixels of context."""
-    b = dst_bounds if dst_crs == ds.crs else transform_bounds(dst_crs, ds.crs, *dst_bounds,
-                                                              densify_pts=21)
-    w0 = from_bounds(*b, transform=ds.transform)
-    pad = (pad_dst_px + 1) * max(1.0, ratio)
-    c0, r0 = math.floor(w0.col_off - pad), math.floor(w0.row_off - pad)
-    c1 = math.ceil(w0.col_off + w0.width + pad)
-    r1 = math.ceil(w0.row_off + w0.height + pad)
-    if c1 <= 0 or r1 <= 0 or c0 >= ds.width or r0 >= ds.height:
-        return None
-    try:
-        win = Window(c0, r0, c1 - c0, r1 - r0).intersection(Window(0, 0, ds.width, ds.height))
-    except WindowError:
-        return None
-    return win if win.width >= 1 and win.height >= 1 else None
-
-
-def _src_px_in_dst(ds: rasterio.DatasetReader, dst_crs: CRS) -> float:
-    """Approximate size of one source pixel in destination CRS units."""
-    if dst_crs == ds.crs:
-        return float(min(abs(ds.transform.a), abs(ds.transform.e)))
-    cx, cy = ds.transform @ (ds.width / 2, ds.height / 2)
-    n = 16  # a 16-pixel box, for numerical stability
-    b = transform_bounds(ds.crs, dst_crs, cx, cy, cx + n * abs(ds.transform.a),
-                         cy + n * abs(ds.transform.e))
-    return max(min(abs(b[2] - b[0]), abs(b[3] - b[1])) / n, 1e-12)
-
-
-_OPEN: dict[tuple[Path, int, int, int], rasterio.DatasetReader] = {}
-
-
-def _dataset(path: Path) -> rasterio.DatasetReader:
-    """An open handle on ``path``, kept per process (one per worker); a file rewritten in
-    place (new size or mtime) gets a fresh handle. A process forked from one that had the file
-    open opens its own: a handle inherited across fork shares its file offset with the
-    parent's, and concurrent reads through both return corrupt tiles."""
-    st = path.stat()
-    key = (path, st.st_mtime_ns, st.st_size, os.getpid())
-    ds = _OPEN.get(key)
-    if ds is None or ds.closed:
-        for k in [k for k in _OPEN if k[3] != key[3]]:  # inherited: leave them to the parent
-            del _OPEN[k]
-        if len(_OPEN) >= 64:
-            for old in _OPEN.values():
-                old.close()
-            _OPEN.clear()
-        ds = _OPEN[key] = rasterio.open(path)
-    return ds
-
-
-def _same_grid_window(ds: rasterio.DatasetReader, dst_transform: Affine, dst_crs: CRS,
-                      ) -> tuple[int, int] | None:
-    """(col, row) offset when the destination is the source grid shifted by whole pixels."""
-    t = ds.transform
-    if dst_crs != ds.crs or t.b or t.d or dst_transform.b or dst_transform.d:
-        return None
-    if abs(t.a - dst_transform.a) > 1e-9 * abs(t.a) or abs(t.e - dst_transform.e) > 1e-9 * abs(t.e):
-        return None
-    c = (dst_transform.c - t.c) / t.a
-    r = (dst_transform.f - t.f) / t.e
-    if abs(c - round(c)) > 1e-6 or abs(r - round(r)) > 1e-6:
-        return None
-    return int(round(c)), int(round(r))
-
-
-def _needs_dataset_mask(ds: rasterio.DatasetReader, nodata: float | None) -> bool:
-    """False when GDAL's mask says no more than the nodata test already made: every band
-    all valid, or masked by the file's own nodata value where that is ``nodata``."""
-    flags = ds.mask_flag_enums
-    if all(f == [MaskFlags.all_valid] for f in flags):
-        return False
-    return not (all(f == [MaskFlags.nodata] for f in flags) and ds.nodata is not None
-                and nodata is not None and float(ds.nodata) == float(nodata))
-
-
-def _read_direct(ds: rasterio.DatasetReader, indexes: list[int], off: tuple[int, int],
-                 dst_shape: tuple[int, int], nodata: float | None,
-                 ) -> tuple[np.ndarray, np.ndarray] | None:
-    h, w = dst_shape
-    c0, r0 = off
-    cc0, rr0 = max(c0, 0), max(r0, 0)
-    cc1, rr1 = min(c0 + w, ds.width), min(r0 + h, ds.height)
-    if cc1 <= cc0 or rr1 <= rr0:
-        return None
-    win = Window(cc0, rr0, cc1 - cc0, rr1 - rr0)
-    data = ds.read(indexes, window=win).astype("float32", copy=False)
-    mask = (data != 0).any(axis=0)
-    if nodata is not None and np.isfinite(nodata):
-        mask &= (data != np.float32(nodata)).any(axis=0)
-    if data.dtype.kind == "f":
-        mask &= np.isfinite(data).all(axis=0)
-    if _needs_dataset_mask(ds, nodata):
-        mask &= ds.dataset_mask(window=win) > 0
-    sl = (slice(rr0 - r0, rr1 - r0), slice(cc0 - c0, cc1 - c0))
-    if not mask.all():
-        data[:, ~mask] = np.nan
-    if (cc0, rr0, cc1, rr1) == (c0, r0, c0 + w, r0 + h):  # the whole window: no padding
-        return data, mask
-    out = np.full((len(indexes), h, w), np.nan, dtype="float32")
-    valid = np.zeros((h, w), dtype=bool)
-    out[(slice(None), *sl)] = data
-    valid[sl] = mask
-    return out, valid
-
-
-@_names_file_on_read_error
-def _warp_file(path: Path, indexes: list[int], dst_transform: Affine,
-               dst_shape: tuple[int, int], dst_crs: CRS, resampling: str,
-               nodata: float | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """Bands ``indexes`` of one file warped onto the destination window:
-    (float32 DN with NaN, bool valid), or None when the file does not reach the window."""
-    h, w = dst_shape
-    left, bottom, right, top = array_bounds(h, w, dst_transform)
-    ds = _dataset(path)
-    off = _same_grid_window(ds, dst_transform, dst_crs)
-    if off is not None:  # the working grid is the file's own: no resampling needed
-        return _read_direct(ds, indexes, off, dst_shape, nodata)
-    ratio = min(abs(dst_transform.a), abs(dst_transform.e)) / _src_px_in_dst(ds, dst_crs)
-    win = _src_window(ds, (left, bottom, right, top), dst_crs, ratio)
-    if win is None:
-        return None
-    factor = max(1, int(ratio))  # read decimated (overviews/out_shape) when grid is coarser
-    out_h = max(1, math.ceil(win.height / factor))
-    out_w = max(1, math.ceil(win.width / factor))
-    down = RioResampling.average if factor > 1 else RioResampling.nearest
-    data = ds.read(indexes, window=win, out_shape=(len(indexes), out_h, out_w),
-                   resampling=down)
-    mask = ds.dataset_mask(window=win, out_shape=(out_h, out_w),
-                           resampling=RioResampling.nearest) > 0
-    src_transform = ds.window_transform(win) @ Affine.scale(win.width / out_w,
-                                                             win.height / out_h)
-    src_crs = ds.crs
-    arr = data.astype("float32")
-    mask &= np.isfinite(arr).all(axis=0)
-    mask &= (arr != 0).any(axis=0)
-    if nodata is not None and np.isfinite(nodata):
-        mask &= (arr != np.float32(nodata)).any(axis=0)
-    arr[:, ~mask] = np.nan
-    out = np.full((arr.shape[0], h, w), np.nan, dtype="float32")
-    rs = RioResampling[resampling]
-    if rs in (RioResampling.bilinear, RioResampling.cubic) and ratio >= 1.5:
-        rs = RioResampling.average  # downsampling: average, not aliasing interpolation
-    reproject(arr, out, src_transform=src_transform, src_crs=src_crs, src_nodata=np.nan,
-              dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=np.nan, resampling=rs)
-    vout = np.zeros((h, w), dtype="uint8")
-    reproject(mask.astype("uint8"), vout, src_transform=src_transform, src_crs=src_crs,
-              src_nodata=None, dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=None,
-              resampling=RioResampling.nearest)
-    valid = (vout > 0) & np.isfinite(out).all(axis=0)
-    return out, valid
-
-
-@_names_file_on_read_error
-def _qa_invalid(path: Path, kind: QaKind, dst_transform: Affine, dst_shape: tuple[int, int],
-                dst_crs: CRS) -> np.ndarray | None:
-    """A product mask decoded (:mod:`pipeline.qa`) and put on the destination window (nearest);
-    True = not observed. None where the mask file does not reach the window."""
-    h, w = dst_shape
-    with rasterio.open(path) as ds:
-        ratio = min(abs(dst_transform.a), abs(dst_transform.e)) / _src_px_in_dst(ds, dst_crs)
-        win = _src_window(ds, array_bounds(h, w, dst_transform), dst_crs, ratio)
-        if win is None:
-            return None
-        factor = max(1, int(ratio))
-        out_h = max(1, math.ceil(win.height / factor))
-        out_w = max(1, math.ceil(win.width / factor))
-        codes = ds.read(1, window=win, out_shape=(out_h, out_w),
-                        resampling=RioResampling.nearest)
-        src_transform = ds.window_transform(win) @ Affine.scale(win.width / out_w,
-                                                                 win.height / out_h)
-        src_crs = ds.crs
-    bad = qa_masks.invalid_mask(kind, codes).astype("uint8")
-    out = np.zeros((h, w), dtype="uint8")  # outside the mask's footprint: no information
-    reproject(bad, out, src_transform=src_transform, src_crs=src_crs, src_nodata=None,
-              dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=None,
-              resampling=RioResampling.nearest)
-    return out > 0
-
-
-def _read_tile(tile: Tile, src: ImageSource, dst_transform: Affine, dst_shape: tuple[int, int],
-               dst_crs: CRS, resampling: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """One tile (all its band files, minus its product mask) on the destination window."""
-    refs = tile.bands or tuple((tile.path, i) for i in src.band_index)
-    groups: dict[Path, list[tuple[int, int]]] = {}
-    for pos, (p, i) in enumerate(refs):
-        groups.setdefault(p, []).append((pos, i))
-    out = np.full((len(refs), *dst_shape), np.nan, dtype="float32")
-    valid = np.ones(dst_shape, dtype=bool)
-    for p, items in groups.items():
-        got = _warp_file(p, [i for _, i in items], dst_transform, dst_shape, dst_crs,
-                         resampling, src.nodata)
-        if got is None:
-            return None
-        arr, v = got
-        out[[pos for pos, _ in items]] = arr
-        valid &= v
-    for p, kind in tile.qa:
-        bad = _qa_invalid(p, kind, dst_transform, dst_shape, dst_crs)
-        if bad is not None:
-            valid &= ~bad
-    return out, valid
-
-
-def read_block(src: ImageSource, grid: Grid, window: Window, *,
-               resampling: Resampling = "bilinear",
-               shift_px: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
-    """Read one window of the working grid from ``src`` as reflectance.
-
-    Returns float32 ``(len(src.roles), h, w)`` reflectance (DN * scale + offset, NaN where not
-    valid) and bool ``valid`` (h, w): False where nodata, masked, NaN, all-zero or outside every
-    tile. Tiles are mosaicked first-valid-wins. ``shift_px = (dx, dy)`` samples the source at
-    grid position (col + dx, row + dy) for output pixel (row, col): pass the shift returned by
-    :func:`pipeline.align.estimate_shift` to line the moving image up with the reference.
-    Only the source window under ``window`` (plus a few pixels of resampling context) is read,
-    decimated with ``out_shape`` when the grid is coarser than the source.
-    """
-    h, w = int(window.height), int(window.width)
-    g = grid.shifted(*shift_px) if any(shift_px) else grid
-    dst_transform = g.window_transform(window)
-    out = np.full((len(src.roles), h, w), np.nan, dtype="float32")
-    valid = np.zeros((h, w), dtype=bool)
-    for tile in src.tiles:
-        got = _read_tile(tile, src, dst_transform, (h, w), grid.crs, resampling)
-        if got is None:
-            continue
-        arr, tvalid = got
-        if not valid.any():
-            out, valid = arr, tvalid.copy()
-        else:
-            take = tvalid & ~valid
-            out[:, take] = arr[:, take]
-            valid |= take
-        if valid.all():
-            break
-    out *= np.float32(src.scale)
-    out += np.float32(src.offset)
-    if not valid.all():
-        out[:, ~valid] = np.nan
-    return out, valid
-
-
-def overview_grid(grid: Grid, max_size: int = 1024) -> Grid:
-    """``grid`` coarsened by an integer factor so its long side is ≤ ``max_size``."""
-    f = max(1, math.ceil(max(grid.shape) / max_size))
-    shape = (math.ceil(grid.height / f), math.ceil(grid.width / f))
-    return Grid(shape, grid.transform @ Affine.scale(f), grid.crs)
-
-
-def read_overview(src: ImageSource, grid: Grid, max_size: int = 1024,
-                  ) -> tuple[np.ndarray, np.ndarray, Grid]:
-    """The whole ``grid`` decimated to ≤ ``max_size`` px (average), for global parameters."""
-    og = overview_grid(grid, max_size)
-    arr, valid = read_block(src, og, Window(0, 0, og.width, og.height), resampling="average")
-    return arr, valid, og
-
-
-# ------------------------------------------------------------------------------ vector layers
-
-
-def load_layer(path: str | Path, crs: CRS | str, bounds: BBox | None = None,
-               layer: str | None = None, where: str | None = None) -> gpd.GeoDataFrame:
-    """Read a vector layer, filtered to ``bounds`` (in ``crs``), reprojected and repaired."""
-    p = Path(path)
-    if not p.exists():
-        raise MissingFileError(f"{p}: no such file; check the rule/admin layer path")
-    crs = norm_crs(crs, "working CRS")
-    try:
-        info = pyogrio.read_info(p, layer=layer)
-    except Exception as err:  # pyogrio raises DataSourceError/DataLayerError and others
-        if layer is not None and "layer" in str(err).lower():
-            raise InputError(f"{p}: has no layer {layer!r}; available: "
-                             f"{', '.join(str(x[0]) for x in _layers(p))}") from None
-        raise InputError(f"{p}: not a vector file GDAL can read; give GeoPackage, GeoJSON or "
-                         "Shapefile") from None
-    if not info.get("crs"):
-        raise MissingCRSError(f"{p}: vector layer has no CRS; assign one (e.g. ogr2ogr -a_srs "
-                              "EPSG:4326) and retry")
-    bbox = None
-    if bounds is not None:
-        bbox = tuple(transform_bounds(crs, CRS.from_user_input(info["crs"]), *bounds,
-                                      densify_pts=21))
-    try:
-        gdf = pyogrio.read_dataframe(p, layer=layer, where=where, bbox=bbox)
-    except Exception as err:
-        raise InputError(f"{p}: cannot read ({' '.join(str(err).split())}); check where:/layer:"
-                         ) from None
-    gdf = gdf.to_crs(crs)
-    geoms = shapely.make_valid(gdf.geometry.values)
-    if len(gdf) and shapely.get_dimensions(gdf.geometry.values).max() == 2:
-        geoms = np.array([_polygonal(g) for g in geoms], dtype=object)
-    gdf = gdf.set_geometry(gpd.GeoSeries(geoms, index=gdf.index, crs=crs))
-    return gdf[~gdf.geometry.is_empty & gdf.geometry.notna()]
-
-
-def _layers(p: Path) -> list[tuple[str, str]]:
-    try:
-        return [tuple(x) for x in pyogrio.list_layers(p)]
-    except Exception:
-        return []
-
-
-def _polygonal(g: shapely.Geometry | None) -> shapely.Geometry | None:
-    if g is None or g.geom_type in ("Polygon", "MultiPolygon"):
-        return g
-    parts = [x for x in shapely.get_parts(g) if x.geom_type in ("Polygon", "MultiPolygon")]
-    return shapely.union_all(parts) if parts else shapely.Polygon()
-
-
-def load_rules(cfg: PipelineConfig, grid: Grid) -> dict[str, gpd.GeoDataFrame]:
-    """Every rule layer of the config, clipped to the grid's bounds, in the working CRS."""
-    return {role: load_layer(cfg.path(rc.path), grid.crs, bounds=grid.bounds, layer=rc.layer,
-                             where=rc.where) for role, rc in cfg.rules.items()}
-
-
-def load_admin(cfg: PipelineConfig, grid: Grid) -> gpd.GeoDataFrame:
-    """Street-office boundaries as ``admin_code``, ``admin_name``, geometry (may be empty)."""
-    if cfg.admin is None:
-        return gpd.GeoDataFrame({"admin_code": [], "admin_name": []}, geometry=[], crs=grid.crs)
-    a = cfg.admin
-    gdf = load_layer(cfg.path(a.path), grid.crs, bounds=grid.bounds, layer=a.layer)
-    for key, fld in (("code_field", a.code_field), ("name_field", a.name_field)):
-        if fld not in gdf.columns:
-            avail = ", ".join(c for c in gdf.columns if c != gdf.geometry.name)
-            raise ConfigError(f"{cfg.path(a.path)}: admin.{key} {fld!r} is not a field of the "
-                              f"layer; available: {avail}")
-    return gpd.GeoDataFrame({"admin_code": gdf[a.code_field].astype(str).to_numpy(),
-                             "admin_name": gdf[a.name_field].astype(str).to_numpy()},
-                            geometry=gdf.geometry.to_numpy(), crs=grid.crs)
 
 
 def file_checksum(path: str | Path, chunk: int = 1 << 20) -> str:
