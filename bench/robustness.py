@@ -18,6 +18,8 @@ changed the way another sensor or acquisition would change them, the label left 
 - ``swap_dates``: the after image as the before and the other way round (what was built has
   been demolished; the labels mark both);
 - ``finer4`` (only when asked for): 4× finer, e.g. 0.5 m → 0.125 m (an aerial or drone survey);
+- ``coarser4`` (only when asked for): 4× coarser, e.g. 0.5 m → 2 m (GF-1, SPOT 6/7: past the
+  building network's pixel sizes, so the pixel model decides alone);
 - ``tiles256`` (only when asked for): each case cut into tiles of 256² px (the last ones in a
   row or column smaller), each run through ``tuban compare`` on its own, as datasets delivered
   in small tiles are: every tile has only its own scene statistics and context.
@@ -119,15 +121,21 @@ def _finer4(src: rasterio.DatasetReader, x: np.ndarray) -> tuple[np.ndarray, Aff
     return _finer(src, x, 4)
 
 
-def _coarser(src: rasterio.DatasetReader, x: np.ndarray) -> tuple[np.ndarray, Affine]:
-    h, w = (x.shape[1] // 2) * 2, (x.shape[2] // 2) * 2
-    y = x[:, :h, :w].reshape(len(x), h // 2, 2, w // 2, 2).mean(axis=(2, 4))
-    return y, src.transform * Affine.scale(2)
+def _coarser(src: rasterio.DatasetReader, x: np.ndarray, f: int = 2,
+             ) -> tuple[np.ndarray, Affine]:
+    h, w = (x.shape[1] // f) * f, (x.shape[2] // f) * f
+    y = x[:, :h, :w].reshape(len(x), h // f, f, w // f, f).mean(axis=(2, 4))
+    return y, src.transform * Affine.scale(f)
+
+
+def _coarser4(src: rasterio.DatasetReader, x: np.ndarray) -> tuple[np.ndarray, Affine]:
+    return _coarser(src, x, 4)
 
 
 RESAMPLE = {"coarser": _coarser, "finer": _finer}
-#: run only when asked (``--perturb finer4``): 16× the pixels of a case
-EXTRA = {"finer4": _finer4}
+#: run only when asked: ``finer4`` has 16× the pixels of a case; ``coarser4`` takes LEVIR to
+#: 2 m (GF-1, SPOT 6/7), beyond the building network's pixel sizes
+EXTRA = {"finer4": _finer4, "coarser4": _coarser4}
 
 
 def write_perturbed(case_dir: Path, out_dir: Path, name: str) -> None:

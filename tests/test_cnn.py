@@ -1,4 +1,4 @@
-"""The sub-metre RGB change network: resampling, loading, and what it finds."""
+"""The RGB building-change network (0.25-2.5 m): resampling, loading, and what it finds."""
 
 from __future__ import annotations
 
@@ -128,6 +128,56 @@ def test_detector_adds_the_network_at_sub_metre_only(tmp_path) -> None:
     at30 = LearnedDetector(RGB, 30.0)(before, after, valid, RGB, 30.0)["change"]
     at30_off = LearnedDetector(RGB, 30.0, network=False)(before, after, valid, RGB, 30.0)
     assert np.array_equal(at30, at30_off["change"])
+
+
+def test_upsample_factor_enlarges_coarser_imagery_only() -> None:
+    assert [cnn.upsample_factor(r, 1.0) for r in (0.5, 1.0, 1.2, 1.6, 2.0, 2.5)] == [
+        1, 1, 1, 2, 2, 2]
+    assert cnn.upsample_factor(2.2, 2.0) == 1  # its 2 m scale runs as acquired
+
+
+def test_network_finds_houses_at_2m_enlarged_to_its_pixels(monkeypatch) -> None:
+    """Houses of 12-18 m averaged to 2 m (GF-1, ZY-3) are 6-9 px: run as acquired the network
+    sees objects half the size it learned and finds none; enlarged to 1 m it finds them."""
+    net = cnn.net_for(MODEL_DIR, 2.0)
+    assert net is not None and cnn.net_for(MODEL_DIR, 2.5) is net
+    assert cnn.net_for(MODEL_DIR, 3.0) is None
+    boxes = [(r0 + dr, c0 + dc, r1 + dr, c1 + dc) for dr in (0, 256) for dc in (0, 256)
+             for r0, c0, r1, c1 in BOXES]
+    before = _ground((512, 512), 0)
+    after = _houses(before, boxes, 1)
+    b2, a2 = cnn.downsample(before, 4), cnn.downsample(after, 4)
+    valid = np.ones(b2.shape[1:], bool)
+    houses = np.zeros_like(valid)
+    for r0, c0, r1, c1 in boxes:
+        houses[r0 // 4:r1 // 4 + 2, c0 // 4:c1 // 4 + 2] = True
+    away = ~ndi.binary_dilation(houses, iterations=3)
+
+    def found(z: np.ndarray) -> int:
+        return sum((z[r0 // 4:r1 // 4, c0 // 4:c1 // 4] > 0).mean() > 0.5
+                   for r0, c0, r1, c1 in boxes)
+
+    z = net.vote(b2, a2, valid, 2.0)
+    assert z.shape == valid.shape
+    assert found(z) >= 12 and (z[away] > 0).mean() < 0.01
+    monkeypatch.setattr(cnn, "upsample_factor", lambda res_m, work_res_m: 1)
+    assert found(net.vote(b2, a2, valid, 2.0)) <= 2
+
+
+def test_tiled_network_matches_one_call() -> None:
+    """Enlarged inputs run in tiles with context margins (bounded memory); their logits match
+    one call's but for small differences near the seams, and an input of one tile is one call."""
+    net = cnn.net_for(MODEL_DIR, 1.0)
+    boxes = [(r0 + dr, c0 + dc, r1 + dr, c1 + dc) for dr in (0, 256, 500) for dc in (0, 256, 500)
+             for r0, c0, r1, c1 in BOXES]
+    before = _ground((720, 720), 0)
+    x = cnn.model_input(before, _houses(before, boxes, 1), np.ones((720, 720), bool))
+    whole, tiled = cnn.run(net, x), cnn.run_tiled(net, x, tile=256)
+    assert tiled.shape == whole.shape and not np.array_equal(tiled, whole)
+    assert ((tiled > 0) == (whole > 0)).mean() > 0.999
+    assert np.percentile(np.abs(tiled - whole), 99) < 0.25
+    assert np.array_equal(cnn.run_tiled(net, x[:, :300, :320], tile=256), cnn.run(
+        net, x[:, :300, :320]))
 
 
 def test_config_switches_the_network_off() -> None:

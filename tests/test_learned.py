@@ -232,6 +232,18 @@ def test_model_dir_env_selects_models(tmp_path, monkeypatch) -> None:
 
 
 @needs_lgb
+def test_shipped_thresholds_keep_imagery_to_2_5m_in_the_sub_metre_class() -> None:
+    """GF-1 and ZY-3 (2-2.1 m, or 2.2 m where a pixel in degrees is measured in metres) take
+    LEVIR's threshold: at the 10 m class's, LEVIR averaged to 2.2 m kept a tenth of its
+    buildings."""
+    from pipeline.detect import learned
+
+    model = learned.load_model("rgb", learned.MODEL_DIR)
+    assert model.threshold_raw(2.2) == model.threshold_raw(2.5) == model.threshold_raw(0.5)
+    assert model.threshold_raw(3.0) == model.threshold_raw(10.0) != model.threshold_raw(0.5)
+
+
+@needs_lgb
 @pytest.mark.parametrize("lean", [True, False])
 def test_lightgbm_import_skips_sklearn_only_in_tubans_own_processes(lean: bool) -> None:
     """``tuban`` and its local workers import LightGBM without scikit-learn (0.55 s each);

