@@ -232,15 +232,21 @@ def test_model_dir_env_selects_models(tmp_path, monkeypatch) -> None:
 
 
 @needs_lgb
-def test_shipped_thresholds_keep_imagery_to_2_5m_in_the_sub_metre_class() -> None:
+def test_shipped_threshold_classes_end_where_the_sensors_do() -> None:
     """GF-1 and ZY-3 (2-2.1 m, or 2.2 m where a pixel in degrees is measured in metres) take
     LEVIR's threshold: at the 10 m class's, LEVIR averaged to 2.2 m kept a tenth of its
-    buildings."""
+    buildings. Sentinel-2's 20 m bands (20.15 m in degrees) take its 10 m bands' threshold:
+    at Landsat's, OSCD averaged to 20.15 m had precision 0.276."""
     from pipeline.detect import learned
+    from pipeline.detect.objects import load_object_model
 
     model = learned.load_model("rgb", learned.MODEL_DIR)
     assert model.threshold_raw(2.2) == model.threshold_raw(2.5) == model.threshold_raw(0.5)
     assert model.threshold_raw(3.0) == model.threshold_raw(10.0) != model.threshold_raw(0.5)
+    assert model.threshold_raw(20.15) == model.threshold_raw(25.0) == model.threshold_raw(10.0)
+    assert model.threshold_raw(30.0) != model.threshold_raw(10.0)
+    objects = load_object_model("rgb", learned.MODEL_DIR)
+    assert objects.threshold_for(20.15) == objects.threshold_for(10.0)
 
 
 @needs_lgb
