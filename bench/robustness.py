@@ -17,6 +17,8 @@ changed the way another sensor or acquisition would change them, the label left 
   (aerial imagery; no new detail, but every size in pixels doubles);
 - ``swap_dates``: the after image as the before and the other way round (what was built has
   been demolished; the labels mark both);
+- ``warp_after`` (only when asked for): the after date displaced by a smooth field of up to
+  about 2 px that varies across the image (orthorectification and relief errors);
 - ``finer4`` (only when asked for): 4× finer, e.g. 0.5 m → 0.125 m (an aerial or drone survey);
 - ``coarser4`` (only when asked for): 4× coarser, e.g. 0.5 m → 2 m (GF-1, SPOT 6/7: past the
   building network's pixel sizes, so the pixel model decides alone);
@@ -95,6 +97,22 @@ def shift_after(x: np.ndarray, date: str) -> np.ndarray | None:
     return np.stack([ndi.shift(b, (1.5, -1.0), order=1, mode="nearest") for b in x])
 
 
+def warp_after(x: np.ndarray, date: str) -> np.ndarray | None:
+    """The after date displaced by a smooth field of up to about 2 px that varies across the
+    image (orthorectification and relief errors between dates, which one global shift cannot
+    take out)."""
+    if date != "after":
+        return None
+    h, w = x.shape[1:]
+    rng = np.random.default_rng(7)
+    field = [ndi.zoom(rng.standard_normal((4, 4)), (h / 4, w / 4), order=3, mode="nearest",
+                      grid_mode=True)[:h, :w] for _ in range(2)]
+    dy, dx = (2.0 * f / max(1e-6, np.abs(f).max()) for f in field)
+    rr, cc = np.mgrid[0:h, 0:w].astype(np.float32)
+    return np.stack([ndi.map_coordinates(b, (rr + dy, cc + dx), order=1, mode="nearest")
+                     for b in x])
+
+
 def blur_after(x: np.ndarray, date: str) -> np.ndarray | None:
     if date != "after":
         return None
@@ -110,6 +128,8 @@ PERTURBATIONS: dict[str, Perturb] = {
     "tone_after": tone_after, "sensor_both": sensor_both, "shift_after": shift_after,
     "blur_after": blur_after, "noise_both": noise_both,
 }
+#: run only when asked (``--perturb warp_after``)
+EXTRA_PERTURBATIONS: dict[str, Perturb] = {"warp_after": warp_after}
 
 
 def _finer(src: rasterio.DatasetReader, x: np.ndarray, f: int = 2) -> tuple[np.ndarray, Affine]:
@@ -158,7 +178,7 @@ def write_perturbed(case_dir: Path, out_dir: Path, name: str) -> None:
                 if nodata is not None:
                     nodata = resample(src, nodata[None] * 1.0)[0][0] > 0
             elif name != "swap_dates":
-                y = PERTURBATIONS[name](x, date)
+                y = {**PERTURBATIONS, **EXTRA_PERTURBATIONS}[name](x, date)
                 x = x if y is None else y
             hi = {"uint8": 255, "uint16": 65535}.get(src.dtypes[0])
             arr = x * scale
@@ -229,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     names = ["none", *[p for p in args.perturb.split(",") if p]]
-    unknown = set(names) - {"none", *RESAMPLE, *EXTRA, *PERTURBATIONS, "swap_dates", "tiles256"}
+    unknown = set(names) - {"none", *RESAMPLE, *EXTRA, *PERTURBATIONS, *EXTRA_PERTURBATIONS,
+                            "swap_dates", "tiles256"}
     if unknown:
         print(f"unknown perturbation(s) {sorted(unknown)}", file=sys.stderr)
         return 2
