@@ -185,11 +185,11 @@ def predict(net: Net, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
     f = factor(res_m, net.work_res_m * scale)
     up = upsample_factor(res_m, net.work_res_m * scale)
     x = downsample(model_input(before, after, valid, stretch), f).astype(np.float32)
-    if up > 1:
+    if up > 1:  # enlarged, run in tiles, its logits averaged back
         x = ndi.zoom(x, (1, up, up), order=1, mode="nearest", grid_mode=True)
-    out = run_tiled(net, x) if up > 1 else run(net, x)
-    if up > 1:
-        out = downsample(out, up)
+        out = downsample(run_tiled(net, x), up)
+    else:
+        out = run(net, x)
     if f > 1:
         out = ndi.zoom(out, f, order=1, mode="nearest", grid_mode=True)
     H, W = valid.shape

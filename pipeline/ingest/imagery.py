@@ -203,7 +203,7 @@ def _gdal_reason(err: BaseException) -> str:
     return " ".join(str(err).split())[:160]
 
 
-def _names_file_on_read_error(fn: _F) -> _F:
+def names_file_on_read_error(fn: _F) -> _F:
     """GDAL read failures inside ``fn(path_or_dataset, ...)`` (a truncated or corrupt file
     whose header opens) become one :class:`InputError` naming the file."""
     @functools.wraps(fn)
@@ -217,7 +217,7 @@ def _names_file_on_read_error(fn: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
-@_names_file_on_read_error
+@names_file_on_read_error
 def _sample_values(ds: rasterio.DatasetReader, band: int, n_side: int = 5,
                    size: int = 64) -> np.ndarray:
     """Valid non-zero values of ``band``: the ≤256 px overview when the file has overviews,

@@ -28,7 +28,7 @@ from .. import qa as qa_masks
 from ..grid import Grid
 from ..sensors import QaKind
 from ..types import BBox, Resampling
-from .imagery import ImageSource, Tile, _names_file_on_read_error
+from .imagery import ImageSource, Tile, names_file_on_read_error
 
 
 def _src_window(ds: rasterio.DatasetReader, dst_bounds: BBox, dst_crs: CRS, ratio: float,
@@ -138,7 +138,7 @@ def _read_direct(ds: rasterio.DatasetReader, indexes: list[int], off: tuple[int,
     return out, valid
 
 
-@_names_file_on_read_error
+@names_file_on_read_error
 def _warp_file(path: Path, indexes: list[int], dst_transform: Affine,
                dst_shape: tuple[int, int], dst_crs: CRS, resampling: str,
                nodata: float | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -185,7 +185,7 @@ def _warp_file(path: Path, indexes: list[int], dst_transform: Affine,
     return out, valid
 
 
-@_names_file_on_read_error
+@names_file_on_read_error
 def _qa_invalid(path: Path, kind: QaKind, dst_transform: Affine, dst_shape: tuple[int, int],
                 dst_crs: CRS) -> np.ndarray | None:
     """A product mask decoded (:mod:`pipeline.qa`) and put on the destination window (nearest);
