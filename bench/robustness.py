@@ -20,8 +20,8 @@ changed the way another sensor or acquisition would change them, the label left 
 - ``warp_after`` (only when asked for): the after date displaced by a smooth field of up to
   about 2 px that varies across the image (orthorectification and relief errors);
 - ``finer4`` (only when asked for): 4× finer, e.g. 0.5 m → 0.125 m (an aerial or drone survey);
-- ``coarser4`` (only when asked for): 4× coarser, e.g. 0.5 m → 2 m (GF-1, SPOT 6/7: past the
-  building network's pixel sizes, so the pixel model decides alone);
+- ``coarser4`` (only when asked for): 4× coarser, e.g. LEVIR's 0.55 m → 2.2 m (GF-1, ZY-3: the
+  top of the sub-metre regime, where the building network sees the imagery enlarged);
 - ``tiles256`` (only when asked for): each case cut into tiles of 256² px (the last ones in a
   row or column smaller), each run through ``tuban compare`` on its own, as datasets delivered
   in small tiles are: every tile has only its own scene statistics and context.
@@ -154,7 +154,7 @@ def _coarser4(src: rasterio.DatasetReader, x: np.ndarray) -> tuple[np.ndarray, A
 
 RESAMPLE = {"coarser": _coarser, "finer": _finer}
 #: run only when asked: ``finer4`` has 16× the pixels of a case; ``coarser4`` takes LEVIR to
-#: 2 m (GF-1, SPOT 6/7), beyond the building network's pixel sizes
+#: 2.2 m (GF-1, ZY-3), the top of the sub-metre regime
 EXTRA = {"finer4": _finer4, "coarser4": _coarser4}
 
 
