@@ -323,6 +323,29 @@ class AlignParams:
     #: the scene's medians of the learned detector's ``*_rel`` feature bases, on the same
     #: windows (set by :func:`pipeline.batch.detect_pair`; empty: each block uses its own)
     feature_medians: tuple[tuple[str, float], ...] = ()
+    #: the sample windows' confident shifts, ``(col, row, dx, dy)`` at each window's centre in
+    #: grid pixels, kept when the shift varies across the scene (:data:`LOCAL_SHIFT_MIN_PX`):
+    #: each read then takes the shift at its own centre (:meth:`shift_for`); empty: one shift
+    local_shifts: tuple[tuple[float, float, float, float], ...] = ()
+
+    def shift_for(self, window: Window) -> tuple[float, float]:
+        """The after date's shift for ``window``: :attr:`shift_px`, or where the shift varies
+        across the scene, the sample windows' shifts weighted by inverse squared distance from
+        its centre."""
+        if not self.local_shifts:
+            return self.shift_px
+        pts = np.asarray(self.local_shifts, float)
+        c = window.col_off + window.width / 2
+        r = window.row_off + window.height / 2
+        w = 1.0 / np.maximum((pts[:, 0] - c) ** 2 + (pts[:, 1] - r) ** 2, 1.0)
+        dx, dy = (w[:, None] * pts[:, 2:]).sum(0) / w.sum()
+        return float(dx), float(dy)
+
+
+#: a confident window shift this many pixels or more from the scene's (the median) makes the
+#: shift vary across the scene: orthorectification or relief errors that differ between the
+#: dates, which one shift cannot take out (``bench/robustness.py --perturb warp_after``)
+LOCAL_SHIFT_MIN_PX = 1.0
 
 
 def params_record(params: AlignParams) -> dict[str, Any]:
@@ -335,7 +358,8 @@ def params_record(params: AlignParams) -> dict[str, Any]:
             "stretch_before": [[float(a), float(b)] for a, b in params.stretch_before],
             "stretch_after": [[float(a), float(b)] for a, b in params.stretch_after],
             # what the learned detector's *_rel features divide by, scene-wide
-            "feature_medians": {k: float(v) for k, v in params.feature_medians}}
+            "feature_medians": {k: float(v) for k, v in params.feature_medians},
+            "local_shifts": [[float(v) for v in p] for p in params.local_shifts]}
 
 
 def params_from_record(rec: Mapping[str, Any]) -> AlignParams:
@@ -349,7 +373,8 @@ def params_from_record(rec: Mapping[str, Any]) -> AlignParams:
                        int(rec.get("n_shift_windows", 0)), pairs("stretch_before"),
                        pairs("stretch_after"),
                        tuple(sorted((k, float(v)) for k, v in
-                                    (rec.get("feature_medians") or {}).items())))
+                                    (rec.get("feature_medians") or {}).items())),
+                       tuple(tuple(float(v) for v in p) for p in rec.get("local_shifts") or ()))
 
 
 def common_roles(before: ImageSource, after: ImageSource) -> tuple[str, ...]:
@@ -427,7 +452,9 @@ def fit_alignment(before: ImageSource, after: ImageSource, grid: Grid, *, coregi
     full-resolution windows of ``window_px`` spread over the grid (constant time in the
     scene size: nothing else is read).
 
-    The shift is the median over the windows whose phase-correlation peak is confident; the
+    The shift is the median over the windows whose phase-correlation peak is confident; when
+    one of them is :data:`LOCAL_SHIFT_MIN_PX` or more from it, their shifts are kept too
+    (``local_shifts``) and each block is read with the shift at its centre. The
     gain/offset is fitted on a seeded sample of the windows' clear pixels (clouds and shadows
     in either date excluded), with the after windows moved by the estimated shift when it
     is not zero (in memory, bilinear: nothing is read twice). The windows are read on
@@ -451,10 +478,14 @@ def fit_alignment(before: ImageSource, after: ImageSource, grid: Grid, *, coregi
     done = dict(map_blocks(_window_pass, job, ks, workers=workers or 1, scheduler=scheduler))
     passes = [done[k] for k in ks]  # window order: the result never depends on timing
     est = [e for e, _ in passes if e is not None]
+    local: tuple[tuple[float, float, float, float], ...] = ()
     if est:
         e = np.asarray(est)
         shift = (float(np.median(e[:, 0])), float(np.median(e[:, 1])))
         n_ok = len(est)
+        if len(est) > 1 and np.hypot(*(e - shift).T).max() >= LOCAL_SHIFT_MIN_PX:
+            local = tuple((w.col_off + w.width / 2, w.row_off + w.height / 2, *p)
+                          for w, (p, _) in zip(wins, passes, strict=True) if p is not None)
     nb = len(roles)
     gain, offset = np.ones(nb, "float32"), np.zeros(nb, "float32")
     if normalize and passes:
@@ -477,7 +508,7 @@ def fit_alignment(before: ImageSource, after: ImageSource, grid: Grid, *, coregi
         sa = tuple((lo * g + o, hi * g + o) if g > 0 else (lo, hi)
                    for (lo, hi), g, o in zip(sa, gain.tolist(), offset.tolist(), strict=True))
     return AlignParams(shift, tuple(map(float, gain)), tuple(map(float, offset)), roles, n_ok,
-                       sb, sa)
+                       sb, sa, local_shifts=local)
 
 
 def _percentiles(windows: list[tuple[np.ndarray, np.ndarray]],
@@ -501,13 +532,14 @@ def read_aligned_block(before: ImageSource, after: ImageSource, grid: Grid, wind
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Both periods on ``window``: ``(before, after, valid)`` in ``params.roles`` band order.
 
-    ``after`` is read with ``params.shift_px`` and normalised to ``before``'s radiometry;
+    ``after`` is read with the shift for this window (``params.shift_px``, or where it varies
+    across the scene, :meth:`AlignParams.shift_for`) and normalised to ``before``'s radiometry;
     ``valid`` is both valid and, with ``cloud_mask``, free of cloud/shadow/haze in either date.
     """
     roles = params.roles or common_roles(before, after)
     a, va = read_block(before, grid, window, resampling=resampling)
     b, vb = read_block(after, grid, window, resampling=resampling,
-                       shift_px=params.shift_px)
+                       shift_px=params.shift_for(window))
     a, b_raw = _select(a, before, roles), _select(b, after, roles)
     b = b_raw
     if params.gain:

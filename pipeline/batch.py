@@ -390,7 +390,9 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
             before, after, grid, coregister=detection.coregister,
             normalize=detection.normalize, max_shift_px=detection.max_shift_px,
             workers=n_workers if pool else 1, scheduler=scheduler)
-        log.info("alignment: shift %s px, gain %s", params.shift_px,
+        log.info("alignment: shift %s px%s, gain %s", params.shift_px,
+                 (f" (varying across the scene: {len(params.local_shifts)} windows, "
+                  "each block reads its own)") if params.local_shifts else "",
                  np.round(np.asarray(params.gain), 3).tolist())
         job = BlockJob(before, after, grid, params, rules, detection, categories, resampling,
                        None if scores_in is None else str(scores_in))

@@ -80,6 +80,8 @@ def test_shift_sign_end_to_end_with_read_block(make_raster, texture) -> None:
     params = fit_alignment(b_src, a_src, grid)
     assert params.shift_px == pytest.approx((dx, dy), abs=0.2)
     assert params.n_shift_windows >= 4
+    assert params.local_shifts == ()  # one shift for the whole scene
+    assert params.shift_for(Window(0, 0, 64, 64)) == params.shift_px
     # the windows read on two worker processes give exactly the same estimate
     assert fit_alignment(b_src, a_src, grid, workers=2) == params
     assert np.allclose(params.gain, 1 / gain, atol=0.03)
@@ -102,6 +104,37 @@ def test_shift_sign_end_to_end_with_read_block(make_raster, texture) -> None:
     assert bb.shape == aa.shape == (4, 400, 400) and valid.all()
     assert np.abs(bb - aa).mean() < 0.25 * np.abs(ref - plain).mean()
     assert np.isfinite(aa[:, valid]).all()
+
+
+def test_shift_that_varies_across_the_scene_is_followed_block_by_block(make_raster,
+                                                                         texture) -> None:
+    """The after date displaced 2.5 px left at the west edge and 2.5 px right at the east
+    (relief or orthorectification errors that differ between dates): the median shift is
+    about 0 and leaves both sides misregistered by 2 px; read with the shift at their centres,
+    blocks on either side line up."""
+    size = 1536
+    before = _scene(texture, (size, size), seed=30)
+    rr, cc = np.mgrid[0:size, 0:size].astype(np.float32)
+    dx = -2.5 + 5.0 * cc / (size - 1)  # content moved dx px right
+    after = np.stack([ndi.map_coordinates(b, (rr, cc - dx), order=3, mode="reflect")
+                      for b in before])
+    to_dn = lambda a: np.clip(a * 10_000, 1, 65_535).astype("uint16")  # noqa: E731
+    b_src = open_image(make_raster("before.tif", to_dn(before), descriptions=BGRN))
+    a_src = open_image(make_raster("after.tif", to_dn(after), descriptions=BGRN))
+    grid = working_grid([b_src, a_src], crs=b_src.crs, resolution=1.0)
+    params = fit_alignment(b_src, a_src, grid)
+    assert abs(params.shift_px[0]) < 0.5
+    assert len(params.local_shifts) >= 6
+    west, east = Window(64, 640, 256, 256), Window(size - 320, 640, 256, 256)
+    assert params.shift_for(west)[0] < -1.2 and params.shift_for(east)[0] > 1.2
+    single = AlignParams(params.shift_px, params.gain, params.offset, params.roles)
+    for win, truth in ((west, -2.1), (east, 2.1)):
+        bb, aa, valid = read_aligned_block(b_src, a_src, grid, win, params)
+        left = estimate_shift(bb[:3], aa[:3], valid, 8.0)
+        bb, aa, valid = read_aligned_block(b_src, a_src, grid, win, single)
+        one = estimate_shift(bb[:3], aa[:3], valid, 8.0)
+        assert abs(one[0] - truth) < 0.6  # one shift: still about 2 px off
+        assert abs(left[0]) < 0.6 and abs(left[0]) < abs(one[0]) / 3
 
 
 def test_radiometry_recovers_gain_offset_with_20pct_changed(texture) -> None:

@@ -282,9 +282,12 @@ def test_later_runs_skip_verification() -> None:
 def test_alignment_record_round_trip() -> None:
     p = align.AlignParams((1.5, -0.25), (0.9, 1.1), (0.01, -0.02), ("red", "nir"), 7,
                           ((0.01, 0.3), (0.02, 0.5)), ((0.015, 0.31), (0.0, 0.45)),
-                          (("bright", 0.12), ("texture", 0.03)))
+                          (("bright", 0.12), ("texture", 0.03)),
+                          ((256.0, 256.0, 1.5, -0.25), (1280.0, 256.0, 2.75, -0.5)))
     rec = json.loads(json.dumps(align.params_record(p)))
     assert align.params_from_record(rec) == p
+    del rec["local_shifts"]  # a run.json from before shifts could vary: one shift
+    assert align.params_from_record(rec).local_shifts == ()
 
 
 def test_classify_replays_the_default_on_sub_metre_rgb_nir(tmp_path: Path) -> None:
