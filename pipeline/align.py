@@ -456,8 +456,9 @@ def fit_alignment(before: ImageSource, after: ImageSource, grid: Grid, *, coregi
     one of them is :data:`LOCAL_SHIFT_MIN_PX` or more from it, their shifts are kept too
     (``local_shifts``) and each block is read with the shift at its centre. The
     gain/offset is fitted on a seeded sample of the windows' clear pixels (clouds and shadows
-    in either date excluded), with the after windows moved by the estimated shift when it
-    is not zero (in memory, bilinear: nothing is read twice). The windows are read on
+    in either date excluded), with the after windows moved by the estimated shift (each by its
+    own where the shift varies) when it is not zero (in memory, bilinear: nothing is read
+    twice). The windows are read on
     ``workers`` local processes (default 1: here) or the Dask ``scheduler``; the result does
     not depend on where.
     """
@@ -490,9 +491,10 @@ def fit_alignment(before: ImageSource, after: ImageSource, grid: Grid, *, coregi
     gain, offset = np.ones(nb, "float32"), np.zeros(nb, "float32")
     if normalize and passes:
         refs, movs = [], []
-        for k, (_, (a, va, b, vb)) in enumerate(passes):
-            if any(shift):  # move after by the shift so the pixels correspond
-                b = ndi.shift(b, (0.0, -shift[1], -shift[0]), order=1, mode="constant",
+        for k, (own, (a, va, b, vb)) in enumerate(passes):
+            sh = own if local and own is not None else shift  # where the shift varies, its own
+            if any(sh):  # move after by the shift so the pixels correspond
+                b = ndi.shift(b, (0.0, -sh[1], -sh[0]), order=1, mode="constant",
                               cval=np.nan, prefilter=False)
                 vb = vb & np.isfinite(b).all(axis=0)
             v = va & vb & ~cloud_shadow_mask(a, roles, res_m=grid.res, other=b, dilate_px=d)
