@@ -304,9 +304,10 @@ def _near(blobs: np.ndarray, target: np.ndarray, max_px: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class AlignParams:
-    """Global alignment of ``after`` to ``before`` on the working grid.
+    """Alignment of ``after`` to ``before`` on the working grid.
 
-    ``shift_px`` follows the module's sign convention; ``gain``/``offset`` map after's
+    ``shift_px`` (the scene's shift; per window where it varies, :meth:`shift_for`) follows
+    the module's sign convention; ``gain``/``offset`` map after's
     reflectance onto before's, per band of ``roles`` (the roles both periods have).
     """
 
@@ -458,9 +459,8 @@ def fit_alignment(before: ImageSource, after: ImageSource, grid: Grid, *, coregi
     gain/offset is fitted on a seeded sample of the windows' clear pixels (clouds and shadows
     in either date excluded), with the after windows moved by the estimated shift (each by its
     own where the shift varies) when it is not zero (in memory, bilinear: nothing is read
-    twice). The windows are read on
-    ``workers`` local processes (default 1: here) or the Dask ``scheduler``; the result does
-    not depend on where.
+    twice). The windows are read on ``workers`` local processes (default 1: here) or the Dask
+    ``scheduler``; the result does not depend on where.
     """
     from .blocks import map_blocks
 
