@@ -409,10 +409,10 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
     halo = _round_up(max(DEFAULT_HALO, int(getattr(det, "halo", 0))), m)
     block_size = _round_up(block_size, m)
     blocks = list(grid.blocks(block_size, halo=halo))
+    layout = {"block_size": block_size, "halo": halo, "n": len(blocks)}
     done: dict[int, Path] = {}
     if store is not None:
-        done = store.use_layout({"block_size": block_size, "halo": halo, "n": len(blocks),
-                                 "scores": scores_in is None, "detector": detector})
+        done = store.use_layout({**layout, "scores": scores_in is None, "detector": detector})
         if done:
             log.info("resuming: %d of %d blocks of %s -> %s already done", len(done),
                      len(blocks), before.name, after.name)
@@ -436,4 +436,4 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
         mins = {k: c.min_area_m2 for k, c in categories.items()}
         records = to_map(joined, grid.transform, simplify_px=0.5, min_area_m2=mins)
     return PairResult(records, grid.height * grid.width, n_valid, dict(excluded), params,
-                      detector, {"block_size": block_size, "halo": halo, "n": len(blocks)})
+                      detector, layout)

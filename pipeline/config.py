@@ -133,6 +133,11 @@ class PipelineConfig(_Model):
         p = Path(p)
         return p if p.is_absolute() else self.base_dir / p
 
+    @property
+    def register_file(self) -> Path | None:
+        """The patch register's path, resolved (None: the config keeps no register)."""
+        return self.path(self.register_path) if self.register_path else None
+
 
 def _format_error(path: Path, err: ValidationError) -> str:
     e = err.errors()[0]

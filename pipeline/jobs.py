@@ -239,7 +239,7 @@ def execute(cfg: PipelineConfig, sources: list[ingest.ImageSource], out_dir: Pat
         manifest["inputs"] = inputs.result()
         with timings.stage("track"):
             patches = track_patches(patches, register, run_id,
-                                    _meta(before, after, grid, run_id)["after_date"] or run_id)
+                                    iso_date(after.date) or run_id)
         _finish(out_dir, change_tif, cfg=cfg, grid=grid, before=before, after=after,
                 pair=pair, patches=patches, timings=timings, manifest=manifest,
                 checkpoints=checkpoints, workers=n_workers, scheduler=scheduler)
@@ -318,10 +318,9 @@ def run(config: str | Path, *, scheduler: str | None = None, workers: int | None
     if (out_dir / "run.json").exists():
         raise OutputExistsError(f"{out_dir}: run {run_id} already finished; choose another "
                                 "--run-id or delete the folder")
-    register = cfg.path(cfg.register_path) if cfg.register_path else None
     try:
         return execute(cfg, sources, out_dir, run_id=run_id, scheduler=scheduler,
-                       workers=workers, register=register, timings=timings,
+                       workers=workers, register=cfg.register_file, timings=timings,
                        extra=extra, report=report, spans=spans)
     finally:
         if scheduler:  # a client per job: nothing stays connected after it

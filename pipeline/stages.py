@@ -140,8 +140,7 @@ def rerun_from(run_dir: str | Path, stage: str, *, rules_dir: str | Path | None 
     reuse = None
     if stage != "align":
         reuse = _reuse(run, [report, *spans], with_scores=stage == "classify")
-    register = (cfg.path(cfg.register_path) if cfg.register_path and man.get("job") == "run"
-                else None)
+    register = cfg.register_file if man.get("job") == "run" else None
     extra = {k: man[k] for k in ("job", "config_path") if k in man}
     if config is not None:
         extra["config_path"] = str(config)
@@ -178,11 +177,7 @@ def _with_config(run: FinishedRun, config: Path, stage: str) -> PipelineConfig:
                          "compare: give its new rule layers with --rules DIR")
     new, old = load_config(config), run.cfg
     run_id = run.manifest["run_id"]
-
-    def register(cfg: PipelineConfig) -> Path | None:
-        return cfg.path(cfg.register_path) if cfg.register_path else None
-
-    if register(new) != register(old):
+    if new.register_file != old.register_file:
         raise _new_run(config, run_id)
     a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
     for key in KEPT_BY_STAGE[stage]:
@@ -257,8 +252,8 @@ def rerun_track(run_dir: str | Path) -> Path:
     cand = run.dir / WORK / "candidates.gpkg"
     if not cand.is_file():
         raise MissingFileError(f"{cand}: no checkpoint of detected patches; rerun the run")
-    register = run.cfg.path(run.cfg.register_path) if run.cfg.register_path else None
     run_id = run.manifest["run_id"]
     after_date = run.manifest["periods"]["after"]["date"]
-    patches = track_patches(gpd.read_file(cand), register, run_id, after_date or run_id)
+    patches = track_patches(gpd.read_file(cand), run.cfg.register_file, run_id,
+                            after_date or run_id)
     return _reexport(run, patches, "track")

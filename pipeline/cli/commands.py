@@ -115,9 +115,9 @@ def verify(config: Path, results: Path) -> None:
     from ..track import Register
 
     cfg = load_config(config)
-    if not cfg.register_path:
+    if cfg.register_file is None:
         raise ConfigError(f"{config}: no register configured; set register: PATH")
-    n = Register(cfg.path(cfg.register_path)).import_verification(results)
+    n = Register(cfg.register_file).import_verification(results)
     click.echo(f"{n} patches updated")
 
 
