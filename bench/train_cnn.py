@@ -22,6 +22,7 @@ the network needs only onnxruntime.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -245,7 +246,9 @@ def quantize(src: Path, dst: Path, inputs: list[np.ndarray]) -> None:
         def get_next(self) -> dict | None:
             return next(self.it, None)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    src, dst = src.resolve(), dst.resolve()
+    # onnxruntime leaves scratch files (shape inference, external data) in the working directory
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
         pre = Path(tmp) / "pre.onnx"  # shapes inferred and graph folded, as quantization wants
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ,
