@@ -77,3 +77,25 @@ def test_unseen_cases_run_the_shipped_models(tmp_path: Path, monkeypatch, capsys
     assert "shipped models, cases they never saw" in capsys.readouterr().out
     assert res["tables"]["none"]["elsewhere"]["recall"] > 0.5
     assert set(res["tables"]) == {"none", "noise_both"}
+
+
+def test_reference_lands_on_the_label_grid_after_resampling(make_raster, tmp_path: Path) -> None:
+    """The reference runs on the perturbed images and its changed pixels come back onto the
+    label's grid: a planted square found where it is, the rest of the scene left alone."""
+    from robustness import reference_on_label
+
+    rng = np.random.default_rng(5)
+    before = (rng.random((4, 64, 64)) * 300 + 1500).astype("uint16")
+    after = before.copy()
+    after[:, 16:32, 40:56] += 4000
+    for name, img in (("before", before), ("after", after)):
+        make_raster(f"oscd/c/{name}.tif", img, descriptions=ROLES, res=10.0, nodata=0)
+    path = make_raster("oscd/c/label.tif", np.zeros((64, 64), "uint8"), res=10.0)
+    (path.parent / "meta.json").write_text(json.dumps({"dataset": "oscd", "gsd_m": 10}))
+    out = tmp_path / "coarser" / "oscd" / "c"
+    write_perturbed(path.parent, out, "coarser")
+    ref = reference_on_label(out)
+    assert ref.shape == (64, 64)
+    planted = np.zeros((64, 64), bool)
+    planted[16:32, 40:56] = True
+    assert ref[planted].mean() > 0.9 and not ref[~planted].any()
