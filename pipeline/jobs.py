@@ -73,8 +73,10 @@ def _inputs_manifest(sources: list[ingest.ImageSource], layers: dict[str, Path]
         for p in s.paths:
             out.append({"role": f"image:{s.name}", "path": str(p),
                         "sha256": ingest.file_checksum(p)})
-    for role, p in layers.items():
-        out.append({"role": f"layer:{role}", "path": str(p), "sha256": ingest.file_checksum(p)})
+    for role, path in layers.items():
+        for p in ingest.layer_files(path):
+            out.append({"role": f"layer:{role}", "path": str(p),
+                        "sha256": ingest.file_checksum(p)})
     return out
 
 
@@ -254,8 +256,9 @@ def fingerprint(cfg: PipelineConfig, sources: list[ingest.ImageSource],
     return {"tuban": __version__, "job": extra.get("job"),
             "stage": (extra.get("rerun") or {}).get("stage"),
             "config": cfg.model_dump(mode="json", by_alias=True),
-            "files": resume.file_stamps([*(p for s in sources for p in s.paths),
-                                         *rule_layer_paths(cfg).values()])}
+            "files": resume.file_stamps([
+                *(p for s in sources for p in s.paths),
+                *(f for p in rule_layer_paths(cfg).values() for f in ingest.layer_files(p))])}
 
 
 def _confirm(patches: gpd.GeoDataFrame, span_patches: dict[tuple[int, int], gpd.GeoDataFrame],

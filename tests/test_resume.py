@@ -16,6 +16,8 @@ from test_cli import sample_config, tuban
 from pipeline import resume
 from pipeline.errors import OutputExistsError
 
+ROOT_RULES = Path(__file__).resolve().parents[1] / "sample_tiles" / "rules"
+
 
 def _keys(run: Path) -> list[tuple[str, bytes]]:
     gdf = gpd.read_file(run / "patches.gpkg")
@@ -91,3 +93,28 @@ def test_work_dir_resumes_only_the_same_inputs(tmp_path: Path) -> None:
                 resume.work_dir(out, {"v": 2}):
             pass
     assert not work.exists() and not Path(f"{work}.lock").exists()
+
+
+def test_a_shapefile_edited_in_its_attributes_alone_is_not_resumed(tmp_path: Path) -> None:
+    """Editing a permit's attributes in a GIS rewrites the shapefile's .dbf and leaves the .shp
+    as it was: a killed attempt made with the old attributes must not be resumed."""
+    from pipeline import ingest
+    from pipeline.config import load_config
+    from pipeline.jobs import fingerprint
+
+    shp = tmp_path / "permits.shp"
+    gpd.read_file(ROOT_RULES / "permits.geojson").to_file(shp)
+    assert {p.suffix for p in ingest.layer_files(shp)} >= {".shp", ".shx", ".dbf", ".prj"}
+    assert ingest.layer_files(ROOT_RULES / "permits.geojson") == [ROOT_RULES / "permits.geojson"]
+    cfg_path = sample_config(tmp_path)
+    data = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+    data["rules"]["permits"]["path"] = str(shp)
+    cfg_path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    cfg = load_config(cfg_path)
+    sources = [ingest.open_period(p, cfg.base_dir) for p in cfg.periods]
+    before = fingerprint(cfg, sources, {"job": "run"})
+    dbf = shp.with_suffix(".dbf")
+    stat = shp.stat()
+    dbf.write_bytes(dbf.read_bytes() + b"\x1a")  # a rewritten attribute table
+    assert shp.stat().st_mtime_ns == stat.st_mtime_ns
+    assert fingerprint(cfg, sources, {"job": "run"}) != before

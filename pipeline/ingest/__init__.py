@@ -18,11 +18,11 @@ from .imagery import (
     open_period,
     working_grid,
 )
-from .layers import load_admin, load_layer, load_rules
+from .layers import layer_files, load_admin, load_layer, load_rules
 from .reader import overview_grid, read_block, read_overview
 
 __all__ = [
     "RASTER_EXTS", "ROLE_ORDER", "ImageSource", "Tile", "file_checksum", "footprint",
-    "load_admin", "load_layer", "load_rules", "open_image", "open_period", "overview_grid",
-    "read_block", "read_overview", "working_grid",
+    "layer_files", "load_admin", "load_layer", "load_rules", "open_image", "open_period",
+    "overview_grid", "read_block", "read_overview", "working_grid",
 ]

@@ -21,6 +21,20 @@ from ..errors import (
 from ..grid import Grid, norm_crs
 from ..types import BBox
 
+#: what GDAL reads a shapefile's features from besides the ``.shp``: index, attributes, CRS and
+#: attribute encoding (editing a permit's attributes in a GIS rewrites the ``.dbf`` alone)
+SHAPEFILE_SIDECARS: tuple[str, ...] = (".shx", ".dbf", ".prj", ".cpg")
+
+
+def layer_files(path: str | Path) -> list[Path]:
+    """The files a vector layer is read from: ``path``, and a shapefile's sidecars that exist
+    (in either case of extension)."""
+    p = Path(path)
+    if p.suffix.lower() != ".shp":
+        return [p]
+    found = (p.with_suffix(e) for ext in SHAPEFILE_SIDECARS for e in (ext, ext.upper()))
+    return [p, *dict.fromkeys(q for q in found if q.exists())]
+
 
 def load_layer(path: str | Path, crs: CRS | str, bounds: BBox | None = None,
                layer: str | None = None, where: str | None = None) -> gpd.GeoDataFrame:
