@@ -88,10 +88,11 @@ class Net:
              stretch: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """What the network adds to a pixel model's margin: ``weight * (logit - threshold)``,
         the logit being the largest over :attr:`scales`."""
-        z = predict(self, before, after, valid, res_m, stretch=stretch)
+        x = model_input(before, after, valid, stretch)  # one input for every scale
+        z = predict_input(self, x, valid, res_m)
         for s in self.scales:
             if s != 1.0:
-                np.maximum(z, predict(self, before, after, valid, res_m, s, stretch), out=z)
+                np.maximum(z, predict_input(self, x, valid, res_m, s), out=z)
         return self.weight * (z - self.threshold)
 
     def covers(self, res_m: float) -> bool:
@@ -182,9 +183,15 @@ def predict(net: Net, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
     network's pixels as it learned from. Run as acquired, LEVIR averaged to 2.2 m scored F1
     0.283 held out; enlarged, 0.594.
     """
+    return predict_input(net, model_input(before, after, valid, stretch), valid, res_m, scale)
+
+
+def predict_input(net: Net, x: np.ndarray, valid: np.ndarray, res_m: float,
+                  scale: float = 1.0) -> np.ndarray:
+    """:func:`predict` on the network's input ``x`` (:func:`model_input`) at full resolution."""
     f = factor(res_m, net.work_res_m * scale)
     up = upsample_factor(res_m, net.work_res_m * scale)
-    x = downsample(model_input(before, after, valid, stretch), f).astype(np.float32)
+    x = downsample(x, f).astype(np.float32)
     if up > 1:  # enlarged, run in tiles, its logits averaged back
         x = ndi.zoom(x, (1, up, up), order=1, mode="nearest", grid_mode=True)
         out = downsample(run_tiled(net, x), up)

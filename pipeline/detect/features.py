@@ -112,6 +112,8 @@ def _tolerant_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Min over a 3×3 neighbourhood shift of the change-vector norm, symmetric in the dates.
 
     Differences that vanish under a one-pixel shift (misregistration edges) are suppressed.
+    The minima are taken on squared norms and rooted once (the root is monotonic and correctly
+    rounded, so the result is the same to the bit).
     """
     h, w = a.shape[1:]
     pa = np.pad(a, ((0, 0), (1, 1), (1, 1)), mode="edge")
@@ -122,9 +124,9 @@ def _tolerant_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         for dx in range(3):
             sb = pb[:, dy:dy + h, dx:dx + w]
             sa = pa[:, dy:dy + h, dx:dx + w]
-            np.minimum(best_ab, np.sqrt(((a - sb) ** 2).sum(0)), out=best_ab)
-            np.minimum(best_ba, np.sqrt(((b - sa) ** 2).sum(0)), out=best_ba)
-    return np.maximum(best_ab, best_ba)
+            np.minimum(best_ab, ((a - sb) ** 2).sum(0), out=best_ab)
+            np.minimum(best_ba, ((b - sa) ** 2).sum(0), out=best_ba)
+    return np.sqrt(np.maximum(best_ab, best_ba))
 
 
 def _grad(x: np.ndarray) -> np.ndarray:
