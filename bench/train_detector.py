@@ -12,7 +12,7 @@ features missing) it
 2. runs leave-one-dataset-out: trains on the other datasets, predicts the held-out dataset's full
    images, and keeps the out-of-fold scores;
 3. calibrates (Platt scaling on out-of-fold scores, prior-shifted so that 0.5 is the decision
-   threshold that maximises macro F1 within each resolution class: up to 2.5 m, 2.5-25 m,
+   threshold that maximises macro F1 within each resolution class: up to 4.5 m, 4.5-25 m,
    > 25 m) and reports held-out precision / recall / F1 / IoU / object recall per dataset under two
    protocols (leave-one-dataset-out, and a 3-fold case split with LEVIR crops kept with their
    tiles), where a held-out case's threshold is always chosen on *other* folds' out-of-fold
@@ -130,13 +130,17 @@ RES_RANGE: dict[str, tuple[float, float]] = {"rgb": (0.0, 1e9), "ms": (5.0, 60.0
 GRID = np.round(np.arange(0.30, 0.96, 0.025), 3)
 N_FOLDS = 3
 #: resolution classes (upper bound in metres) that get their own decision threshold. The
-#: sub-metre class (LEVIR's threshold, and the building network's range) reaches 2.5 m: LEVIR
-#: averaged to 2.2 m scored F1 0.168 held out at the 10 m class's threshold, 0.404 at LEVIR's
-#: (0.594 with the network enlarging it). No training imagery lies between 2 and 2.5 m. The
-#: 10 m class reaches 25 m, Sentinel-2's 20 m bands with its 10 m ones (Landsat's 30 m beyond):
-#: OSCD averaged to 20.15 m scored F1 0.416 (precision 0.276) at the Landsat scene's threshold,
-#: 0.517 (0.434) at its own class's. No training imagery lies between 20 and 25 m.
-RES_CLASSES: tuple[float, ...] = (2.5, 25.0, 1e9)
+#: sub-metre class (LEVIR's threshold, and the building network's range) reaches 4.5 m, past
+#: PlanetScope's 3-4 m and short of RapidEye's 5 m and the multispectral bands of SPOT 6/7 and
+#: GF-1: LEVIR averaged to 2.2 m scored F1 0.168 held out at the 10 m class's threshold, 0.404
+#: at LEVIR's (0.594 with the network enlarging it); averaged to 3.3 and 4.4 m, 0.012 and 0.020
+#: at the 10 m class's, 0.572 and 0.484 at LEVIR's with the network (case-split fold 0; the
+#: reference 0.16). No training imagery lies between 2 and 4.5 m. The 10 m class reaches 25 m,
+#: Sentinel-2's 20 m bands with its 10 m ones (Landsat's 30 m beyond): OSCD averaged to 20.15 m
+#: scored F1 0.416 (precision 0.276) at the Landsat scene's threshold, 0.517 (0.434) at its own
+#: class's. OSCD resampled to 5 m wants its own class's threshold too (it has no detail finer
+#: than 10 m). No training imagery lies between 20 and 25 m.
+RES_CLASSES: tuple[float, ...] = (4.5, 25.0, 1e9)
 
 
 def res_class(res_m: float) -> float:

@@ -482,7 +482,7 @@ def zoned_change(evidence: dict[str, np.ndarray],
                  rule_masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``evidence`` with ``change`` taken from ``change_any`` inside :data:`OPEN_GROUND_RULES`.
 
-    A detector with a building network (RGB imagery up to 2.5 m) reports in ``change`` only
+    A detector with a building network (RGB imagery up to 4.5 m) reports in ``change`` only
     changes that look like buildings, and in ``change_any`` every change its pixel model finds.
     Inside forest, farmland and ecological land the latter counts: cleared or hardened ground is
     the violation there (毁林, 违法占地), and it is no building.

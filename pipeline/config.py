@@ -81,7 +81,7 @@ class DetectionConfig(_Model):
     normalize: bool = True
     cloud_mask: bool = True
     min_confidence: float = Field(default=0.5, ge=0, le=1)
-    #: RGB imagery of 0.25-2.5 m: the building-change network (pipeline/models/cnn_rgb_1m.onnx)
+    #: RGB imagery of 0.25-4.5 m: the building-change network (pipeline/models/cnn_rgb_1m.onnx)
     #: vetoes changes that do not look like buildings, far fewer false patches on roads, car
     #: parks and cleared ground; false keeps those (e.g. to find 违法占地 on RGB-only imagery)
     building_network: bool = True

@@ -1,4 +1,4 @@
-"""The RGB building-change network (0.25-2.5 m): resampling, loading, and what it finds."""
+"""The RGB building-change network (0.25-4.5 m): resampling, loading, and what it finds."""
 
 from __future__ import annotations
 
@@ -131,37 +131,40 @@ def test_detector_adds_the_network_at_sub_metre_only(tmp_path) -> None:
 
 
 def test_upsample_factor_enlarges_coarser_imagery_only() -> None:
-    assert [cnn.upsample_factor(r, 1.0) for r in (0.5, 1.0, 1.2, 1.6, 2.0, 2.5)] == [
-        1, 1, 1, 2, 2, 2]
+    assert [cnn.upsample_factor(r, 1.0) for r in (0.5, 1.0, 1.2, 1.6, 2.0, 2.5, 3.3, 4.4)] == [
+        1, 1, 1, 2, 2, 2, 3, 4]
     assert cnn.upsample_factor(2.2, 2.0) == 1  # its 2 m scale runs as acquired
 
 
-def test_network_finds_houses_at_2m_enlarged_to_its_pixels(monkeypatch) -> None:
-    """Houses of 12-18 m averaged to 2 m (GF-1, ZY-3) are 6-9 px: run as acquired the network
-    sees objects half the size it learned and finds none; enlarged to 1 m it finds them."""
+@pytest.mark.parametrize(("k", "least"), [(4, 12), (6, 10)])
+def test_network_finds_houses_at_2_and_3m_enlarged_to_its_pixels(monkeypatch, k: int,
+                                                                  least: int) -> None:
+    """Houses of 12-18 m averaged to 2 m (GF-1, ZY-3: 6-9 px) or 3 m (PlanetScope: 4-6 px):
+    run as acquired the network sees objects a half or a third of the size it learned and finds
+    none; enlarged to 1 m it finds most of the 16."""
     net = cnn.net_for(MODEL_DIR, 2.0)
-    assert net is not None and cnn.net_for(MODEL_DIR, 2.5) is net
-    assert cnn.net_for(MODEL_DIR, 3.0) is None
+    assert net is not None and cnn.net_for(MODEL_DIR, 0.5 * k) is net
+    assert cnn.net_for(MODEL_DIR, 4.5) is net and cnn.net_for(MODEL_DIR, 5.0) is None
     boxes = [(r0 + dr, c0 + dc, r1 + dr, c1 + dc) for dr in (0, 256) for dc in (0, 256)
              for r0, c0, r1, c1 in BOXES]
     before = _ground((512, 512), 0)
     after = _houses(before, boxes, 1)
-    b2, a2 = cnn.downsample(before, 4), cnn.downsample(after, 4)
+    b2, a2 = cnn.downsample(before, k), cnn.downsample(after, k)
     valid = np.ones(b2.shape[1:], bool)
     houses = np.zeros_like(valid)
     for r0, c0, r1, c1 in boxes:
-        houses[r0 // 4:r1 // 4 + 2, c0 // 4:c1 // 4 + 2] = True
+        houses[r0 // k:r1 // k + 2, c0 // k:c1 // k + 2] = True
     away = ~ndi.binary_dilation(houses, iterations=3)
 
     def found(z: np.ndarray) -> int:
-        return sum((z[r0 // 4:r1 // 4, c0 // 4:c1 // 4] > 0).mean() > 0.5
+        return sum((z[r0 // k:r1 // k, c0 // k:c1 // k] > 0).mean() > 0.5
                    for r0, c0, r1, c1 in boxes)
 
-    z = net.vote(b2, a2, valid, 2.0)
+    z = net.vote(b2, a2, valid, 0.5 * k)
     assert z.shape == valid.shape
-    assert found(z) >= 12 and (z[away] > 0).mean() < 0.01
+    assert found(z) >= least and (z[away] > 0).mean() < 0.01
     monkeypatch.setattr(cnn, "upsample_factor", lambda res_m, work_res_m: 1)
-    assert found(net.vote(b2, a2, valid, 2.0)) <= 2
+    assert found(net.vote(b2, a2, valid, 0.5 * k)) <= 2
 
 
 def test_tiled_network_matches_one_call() -> None:

@@ -178,10 +178,10 @@ def predict(net: Net, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
     """Change logit per pixel, ``(h, w)`` float32 (-20 where not valid), the network run at
     ``scale`` times its working pixel size (``stretch``: see :func:`model_input`).
 
-    Finer imagery is averaged down to about that size; coarser imagery (1.5-2.5 m: GF-1,
-    SPOT 6/7) is enlarged to it and the logits averaged back, so a roof spans as many of the
-    network's pixels as it learned from. Run as acquired, LEVIR averaged to 2.2 m scored F1
-    0.283 held out; enlarged, 0.594.
+    Finer imagery is averaged down to about that size; coarser imagery (1.5-4.5 m: GF-1,
+    SPOT 6/7, PlanetScope) is enlarged to it and the logits averaged back, so a roof spans as
+    many of the network's pixels as it learned from. Run as acquired, LEVIR averaged to 2.2 m
+    scored F1 0.283 held out; enlarged, 0.594.
     """
     return predict_input(net, model_input(before, after, valid, stretch), valid, res_m, scale)
 
