@@ -183,6 +183,36 @@ def test_tiled_network_matches_one_call() -> None:
         net, x[:, :300, :320]))
 
 
+@pytest.mark.parametrize("up", [2, 3, 4])
+def test_enlarged_windows_are_cut_from_the_whole_enlargement(up: int) -> None:
+    """Each tile's input is enlarged from a crop of the block, never the whole block at once
+    (4.4 m imagery: 16x its pixels), and equals that part of the whole enlargement."""
+    x = np.random.default_rng(up).random((6, 37, 45)).astype(np.float32)
+    whole = ndi.zoom(x, (1, up, up), order=1, mode="nearest", grid_mode=True)
+    H, W = whole.shape[1:]
+    for rows, cols in (((0, H), (0, W)), ((8, 40), (16, 72)), ((H - 24, H), (0, 33)),
+                       ((5, 6), (W - 7, W))):
+        got = cnn.enlarge_window(x, up, rows, cols)
+        np.testing.assert_allclose(got, whole[:, rows[0]:rows[1], cols[0]:cols[1]], atol=1e-6)
+
+
+@pytest.mark.parametrize("up", [2, 3])
+def test_network_on_an_enlarged_input_tile_by_tile_matches_one_call(up: int) -> None:
+    """Logits averaged back from tiles of the enlarged input keep the sign of one call on the
+    whole enlargement, on whole multiples of ``up`` per tile."""
+    net = cnn.net_for(MODEL_DIR, 1.0)
+    boxes = [(r0 + dr, c0 + dc, r1 + dr, c1 + dc) for dr in (0, 256) for dc in (0, 256)
+             for r0, c0, r1, c1 in BOXES]
+    before = _ground((512, 512), 0)
+    x = cnn.downsample(cnn.model_input(before, _houses(before, boxes, 1),
+                                       np.ones((512, 512), bool)), up)
+    big = ndi.zoom(x, (1, up, up), order=1, mode="nearest", grid_mode=True)
+    whole = cnn.downsample(cnn.run(net, big), up)
+    tiled = cnn.run_tiled(net, x, up, tile=96, margin=16)
+    assert tiled.shape == whole.shape == x.shape[1:]
+    assert ((tiled > 0) == (whole > 0)).mean() > 0.995
+
+
 def test_config_switches_the_network_off() -> None:
     from pipeline.config import DetectionConfig
     from pipeline.detect.registry import get_detector

@@ -9,6 +9,7 @@ folder may hold several, ``cnn_<name>.{onnx,json}``, each for a range of pixel s
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -136,8 +137,9 @@ def load(path: Path, threads: int = 2) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-#: an enlarged input (2 m imagery: 4x the pixels of its block) runs in tiles of this many
-#: working pixels a side plus margins, so its block needs about the memory of a 1 m block
+#: an enlarged input (4.4 m imagery: 16x the pixels of its block) is made and run in tiles of
+#: about this many working pixels a side plus margins, so its block needs about the memory of
+#: a 1 m block
 TILE_PX = 512
 #: context each side of a tile (working pixels, a multiple of every network's ``multiple``)
 TILE_MARGIN_PX = 32
@@ -149,20 +151,42 @@ def run(net: Net, x: np.ndarray) -> np.ndarray:
     return net.session.run(None, {"x": pad_to(x, net.multiple)[None]})[0][0, 0, :h, :w]
 
 
-def run_tiled(net: Net, x: np.ndarray, tile: int = TILE_PX,
-              margin: int = TILE_MARGIN_PX) -> np.ndarray:
-    """:func:`run` on ``tile``-pixel cores with ``margin`` pixels of context each side (one
-    call where ``x`` fits); tiles start on the network's pooling lattice, so they pool as one
-    call does."""
+def enlarge_window(x: np.ndarray, up: int, rows: tuple[int, int],
+                   cols: tuple[int, int]) -> np.ndarray:
+    """Rows and columns ``[r0, r1)``, ``[c0, c1)`` of ``x`` enlarged ``up``× (bilinear, as
+    :func:`scipy.ndimage.zoom` does it to the whole of ``x``), made from a crop of ``x`` with one
+    pixel of context, so the whole enlargement never exists at once."""
+    (r0, r1), (c0, c1) = rows, cols
+    if up == 1:
+        return x[:, r0:r1, c0:c1]
     h, w = x.shape[1:]
-    if h <= tile + 2 * margin and w <= tile + 2 * margin:
-        return run(net, x)
+    sr0, sc0 = max(0, r0 // up - 1), max(0, c0 // up - 1)
+    sr1, sc1 = min(h, (r1 - 1) // up + 2), min(w, (c1 - 1) // up + 2)
+    z = ndi.zoom(x[:, sr0:sr1, sc0:sc1], (1, up, up), order=1, mode="nearest", grid_mode=True)
+    return z[:, r0 - sr0 * up:r1 - sr0 * up, c0 - sc0 * up:c1 - sc0 * up]
+
+
+def run_tiled(net: Net, x: np.ndarray, up: int = 1, tile: int = TILE_PX,
+              margin: int = TILE_MARGIN_PX) -> np.ndarray:
+    """:func:`run` on ``x`` enlarged ``up``× (:func:`enlarge_window`), its logits averaged back
+    to ``x``'s pixels, in ``tile``-pixel cores with ``margin`` pixels of context each side (one
+    call where it fits). Tiles start on the network's pooling lattice, so they pool as one call
+    does, and are whole multiples of ``up``."""
+    h, w = x.shape[1:]
+    H, W = h * up, w * up
+    if max(H, W) <= tile + 2 * margin:
+        return downsample(run(net, enlarge_window(x, up, (0, H), (0, W))), up)
+    step = math.lcm(up, net.multiple)
+    tile = max(step, tile // step * step)
     out = np.empty((h, w), np.float32)
-    for r in range(0, h, tile):
-        for c in range(0, w, tile):
+    for r in range(0, H, tile):
+        for c in range(0, W, tile):
             r0, c0 = max(0, r - margin), max(0, c - margin)
-            z = run(net, x[:, r0:r + tile + margin, c0:c + tile + margin])
-            out[r:r + tile, c:c + tile] = z[r - r0:r - r0 + tile, c - c0:c - c0 + tile]
+            r1, c1 = min(H, r + tile + margin), min(W, c + tile + margin)
+            z = run(net, enlarge_window(x, up, (r0, r1), (c0, c1)))
+            re, ce = min(r + tile, H), min(c + tile, W)
+            out[r // up:re // up, c // up:ce // up] = downsample(z[r - r0:re - r0, c - c0:ce - c0],
+                                                                 up)
     return out
 
 
@@ -192,11 +216,8 @@ def predict_input(net: Net, x: np.ndarray, valid: np.ndarray, res_m: float,
     f = factor(res_m, net.work_res_m * scale)
     up = upsample_factor(res_m, net.work_res_m * scale)
     x = downsample(x, f).astype(np.float32)
-    if up > 1:  # enlarged, run in tiles, its logits averaged back
-        x = ndi.zoom(x, (1, up, up), order=1, mode="nearest", grid_mode=True)
-        out = downsample(run_tiled(net, x), up)
-    else:
-        out = run(net, x)
+    # enlarged tile by tile, its logits averaged back
+    out = run_tiled(net, x, up) if up > 1 else run(net, x)
     if f > 1:
         out = ndi.zoom(out, f, order=1, mode="nearest", grid_mode=True)
     H, W = valid.shape
