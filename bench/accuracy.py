@@ -22,11 +22,11 @@ key of the training recipe (``train_detector.py``, ``features.py``, ``objects.py
 ``learned.py`` sources, seed) and the case list; a rerun with the same key only runs the
 comparisons, and with another key (any edit of those sources) the bench keeps the cached
 models and stops until ``--retrain`` says to replace them (the fold networks, under their own
-key, take 48 min). The ``spectral`` run scores the rule-based spectral detector through
-``tuban compare`` (``detection.method: spectral``): untrained, so held out by construction. It
-was ``auto``'s pick for sub-metre RGB+NIR imagery (no labelled pair of which exists here) until
-this run showed it below the reference on every dataset; it now decides only inside forest,
-farmland and ecological land there. Run it under the CPU lock::
+key, take about 105 min: 35 per fold). The ``spectral`` run scores the rule-based spectral
+detector through ``tuban compare`` (``detection.method: spectral``): untrained, so held out
+by construction. It was ``auto``'s pick for sub-metre RGB+NIR imagery (no labelled pair of
+which exists here) until this run showed it below the reference on every dataset; it now
+decides only inside forest, farmland and ecological land there. Run it under the CPU lock::
 
     flock /tmp/tuban-cpu.lock .venv/bin/python bench/accuracy.py [--cases DIR] [--only levir]
         [--protocols lodo,cases,spectral] [--no-train-set] [--direct] [--json PATH]
@@ -278,7 +278,7 @@ def fold_models(cases_root: Path, cache: Path | None = None,
     models with ``bench/train_detector.py --folds`` when the cache (default
     :func:`fold_cache`) lacks them for this key. Cached models of another key are replaced only
     with ``retrain`` (else :class:`StaleFolds`): any edit of a hashed source changes the key,
-    and the fold networks take 48 min to train again."""
+    and the fold networks take about 105 min to train again."""
     all_dirs = iter_case_dirs(cases_root)
     cache = cache or fold_cache(all_dirs)
     key = recipe_key(all_dirs)
@@ -334,7 +334,7 @@ def fold_networks(cases_root: Path, all_dirs: list[Path], cache: Path,
         return
     old = list((cache / "cases").glob("*/cnn_*"))
     if old and not retrain:
-        raise _stale("networks", cache, old, key, "48")
+        raise _stale("networks", cache, old, key, "105")
     stamp.unlink(missing_ok=True)
     for f in old:
         f.unlink()
