@@ -185,8 +185,8 @@ def run_tiled(net: Net, x: np.ndarray, up: int = 1, tile: int = TILE_PX,
             r1, c1 = min(H, r + tile + margin), min(W, c + tile + margin)
             z = run(net, enlarge_window(x, up, (r0, r1), (c0, c1)))
             re, ce = min(r + tile, H), min(c + tile, W)
-            out[r // up:re // up, c // up:ce // up] = downsample(z[r - r0:re - r0, c - c0:ce - c0],
-                                                                 up)
+            core = z[r - r0:re - r0, c - c0:ce - c0]
+            out[r // up:re // up, c // up:ce // up] = downsample(core, up)
     return out
 
 
