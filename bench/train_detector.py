@@ -133,9 +133,9 @@ N_FOLDS = 3
 #: sub-metre class (LEVIR's threshold, and the building network's range) reaches 4.5 m, past
 #: PlanetScope's 3-4 m and short of RapidEye's 5 m and the multispectral bands of SPOT 6/7 and
 #: GF-1: LEVIR averaged to 2.2 m scored F1 0.168 held out at the 10 m class's threshold, 0.404
-#: at LEVIR's (0.594 with the network enlarging it); averaged to 3.3 and 4.4 m, 0.012 and 0.020
-#: at the 10 m class's, 0.572 and 0.484 at LEVIR's with the network (case-split fold 0; the
-#: reference 0.16). No training imagery lies between 2 and 4.5 m. The 10 m class reaches 25 m,
+#: at LEVIR's (0.594 with the network enlarging it); averaged to 3.3 and 4.4 m, 0-0.12 at the
+#: 10 m class's, 0.44-0.57 and 0.26-0.48 per case-split fold at LEVIR's with the network
+#: (bench/RESULTS.md). No training imagery lies between 2 and 4.5 m. The 10 m class reaches 25 m,
 #: Sentinel-2's 20 m bands with its 10 m ones (Landsat's 30 m beyond): OSCD averaged to 20.15 m
 #: scored F1 0.416 (precision 0.276) at the Landsat scene's threshold, 0.517 (0.434) at its own
 #: class's. OSCD resampled to 5 m wants its own class's threshold too (it has no detail finer
