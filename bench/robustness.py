@@ -21,7 +21,9 @@ changed the way another sensor or acquisition would change them, the label left 
   about 2 px that varies across the image (orthorectification and relief errors);
 - ``finer4`` (only when asked for): 4× finer, e.g. 0.5 m → 0.125 m (an aerial or drone survey);
 - ``coarser4`` (only when asked for): 4× coarser, e.g. LEVIR's 0.55 m → 2.2 m (GF-1, ZY-3: the
-  top of the sub-metre regime, where the building network sees the imagery enlarged);
+  building network sees the imagery enlarged);
+- ``coarser6``, ``coarser8`` (only when asked for): 6× and 8× coarser, LEVIR at 3.3 and 4.4 m
+  (PlanetScope; the top of the sub-metre regime, which ends at 4.5 m);
 - ``tiles256`` (only when asked for): each case cut into tiles of 256² px (the last ones in a
   row or column smaller), each run through ``tuban compare`` on its own, as datasets delivered
   in small tiles are: every tile has only its own scene statistics and context.
@@ -153,10 +155,13 @@ def _coarser(src: rasterio.DatasetReader, x: np.ndarray, f: int = 2,
 
 RESAMPLE = {"coarser": _coarser, "finer": _finer}
 #: run only when asked: ``finer4`` has 16× the pixels of a case; ``coarser4`` takes LEVIR to
-#: 2.2 m (GF-1, ZY-3), the top of the sub-metre regime; ``coarser6`` and ``coarser8`` to 3.3 and
-#: 4.4 m (PlanetScope, RapidEye)
+#: 2.2 m (GF-1, ZY-3); ``coarser6`` and ``coarser8`` to 3.3 and 4.4 m (PlanetScope; the top of
+#: the sub-metre regime, which ends at 4.5 m)
 EXTRA = {"finer4": partial(_finer, f=4), "coarser4": partial(_coarser, f=4),
          "coarser6": partial(_coarser, f=6), "coarser8": partial(_coarser, f=8)}
+#: every resampling and every in-place change by name, the defaults and those run when asked
+ALL_RESAMPLE = {**RESAMPLE, **EXTRA}
+ALL_PERTURBATIONS = {**PERTURBATIONS, **EXTRA_PERTURBATIONS}
 
 
 def write_perturbed(case_dir: Path, out_dir: Path, name: str) -> None:
@@ -173,13 +178,13 @@ def write_perturbed(case_dir: Path, out_dir: Path, name: str) -> None:
             x = raw.astype(np.float32) / scale
             nodata = (raw == src.nodata).all(0) if src.nodata is not None else None
             tr = src.transform
-            resample = {**RESAMPLE, **EXTRA}.get(name)
+            resample = ALL_RESAMPLE.get(name)
             if resample is not None:
                 x, tr = resample(src, x)
                 if nodata is not None:
                     nodata = resample(src, nodata[None] * 1.0)[0][0] > 0
             elif name != "swap_dates":
-                y = {**PERTURBATIONS, **EXTRA_PERTURBATIONS}[name](x, date)
+                y = ALL_PERTURBATIONS[name](x, date)
                 x = x if y is None else y
             hi = {"uint8": 255, "uint16": 65535}.get(src.dtypes[0])
             arr = x * scale
@@ -269,8 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     names = ["none", *[p for p in args.perturb.split(",") if p]]
-    unknown = set(names) - {"none", *RESAMPLE, *EXTRA, *PERTURBATIONS, *EXTRA_PERTURBATIONS,
-                            "swap_dates", "tiles256"}
+    unknown = set(names) - {"none", *ALL_RESAMPLE, *ALL_PERTURBATIONS, "swap_dates", "tiles256"}
     if unknown:
         print(f"unknown perturbation(s) {sorted(unknown)}", file=sys.stderr)
         return 2

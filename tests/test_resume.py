@@ -11,12 +11,12 @@ from pathlib import Path
 import geopandas as gpd
 import pytest
 import yaml
-from test_cli import sample_config, tuban
+from test_cli import ROOT, sample_config, tuban
 
 from pipeline import resume
 from pipeline.errors import OutputExistsError
 
-ROOT_RULES = Path(__file__).resolve().parents[1] / "sample_tiles" / "rules"
+ROOT_RULES = ROOT / "sample_tiles" / "rules"
 
 
 def _keys(run: Path) -> list[tuple[str, bytes]]:
