@@ -272,6 +272,34 @@ def test_mosaic_of_tiles_in_two_crs_covers_window(make_raster, tmp_path: Path) -
     assert err.mean() < 0.01 and err.max() < 0.06
 
 
+@pytest.mark.parametrize("resampling", ["bilinear", "cubic", "nearest"])
+def test_warp_without_invalid_pixels_equals_the_nodata_aware_warp(make_raster, tmp_path: Path,
+                                                                 resampling: str) -> None:
+    # a tile without invalid pixels is warped by GDAL's kernels without per-pixel validity; one
+    # zero pixel in a copy sends that copy through the NaN-nodata warp: away from that pixel
+    # both give the same values to the bit, and the same footprint
+    p = analytic_tile(make_raster, "geo/a.tif", "EPSG:4326", (LON0, LAT0), (120, 130), 1e-5)
+    with rasterio.open(p) as ds:
+        arr, profile = ds.read(), ds.profile
+    arr[:, 5, 5] = 0.0
+    q = tmp_path / "geo2" / "a.tif"
+    q.parent.mkdir()
+    with rasterio.open(q, "w", **profile) as dst:
+        dst.write(arr)
+        dst.descriptions = RGB
+    x, y = utm50()
+    grid = Grid.from_bounds((x - 70, y - 70, x + 70, y + 70), 1.0, "EPSG:32650")
+    win = Window(0, 0, grid.width, grid.height)
+    fast, v_fast = read_block(open_image(p), grid, win, resampling=resampling)
+    slow, v_slow = read_block(open_image(q), grid, win, resampling=resampling)
+    assert 0.5 < v_fast.mean() < 1.0  # the tile's footprint: the window reaches past it
+    far = np.ones(v_fast.shape, bool)
+    far[:20, :20] = False  # around the zero pixel (the tile's north-west corner)
+    assert np.array_equal(v_fast[far], v_slow[far])
+    assert np.array_equal(fast[:, far], slow[:, far], equal_nan=True)
+    assert not v_slow[:20, :20].all() or resampling == "nearest"
+
+
 def test_nodata_edge_is_invalid_and_does_not_bleed(make_raster) -> None:
     arr = np.full((3, 40, 40), 5000, "uint16")
     arr[:, :, :12] = 65535  # nodata strip on the west

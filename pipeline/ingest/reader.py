@@ -170,13 +170,22 @@ def _warp_file(path: Path, indexes: list[int], dst_transform: Affine,
     mask &= (arr != 0).any(axis=0)
     if nodata is not None and np.isfinite(nodata):
         mask &= (arr != np.float32(nodata)).any(axis=0)
-    arr[:, ~mask] = np.nan
     out = np.full((arr.shape[0], h, w), np.nan, dtype="float32")
     rs = RioResampling[resampling]
     if rs in (RioResampling.bilinear, RioResampling.cubic) and ratio >= 1.5:
         rs = RioResampling.average  # downsampling: average, not aliasing interpolation
-    reproject(arr, out, src_transform=src_transform, src_crs=src_crs, src_nodata=np.nan,
-              dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=np.nan, resampling=rs)
+    if mask.all():
+        # nothing to leave out: GDAL's kernels without per-pixel validity (about twice as
+        # fast); not initialised, ``out`` keeps NaN where no source pixel lands, as with
+        # NaN nodata (same result to the bit)
+        reproject(arr, out, src_transform=src_transform, src_crs=src_crs, src_nodata=None,
+                  dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=None,
+                  init_dest_nodata=False, resampling=rs)
+    else:
+        arr[:, ~mask] = np.nan
+        reproject(arr, out, src_transform=src_transform, src_crs=src_crs, src_nodata=np.nan,
+                  dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=np.nan,
+                  resampling=rs)
     vout = np.zeros((h, w), dtype="uint8")
     reproject(mask.astype("uint8"), vout, src_transform=src_transform, src_crs=src_crs,
               src_nodata=None, dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=None,
