@@ -89,7 +89,9 @@ def _reexport(run: FinishedRun, patches: gpd.GeoDataFrame, stage: str) -> Path:
     before, after = (ingest.open_period(by_name[run.manifest["periods"][k]["name"]],
                                         run.cfg.base_dir) for k in ("before", "after"))
     chips = ChipSource(before, after, run.grid, run.params)
-    timings = Timings(run.manifest.get("timings_s") or {})
+    # the run's other stages keep their times; export's is this one's alone
+    timings = Timings({k: v for k, v in (run.manifest.get("timings_s") or {}).items()
+                       if k != "export"})
     manifest = {**run.manifest, "rerun": _rerun_stamp(stage)}
     with tempfile.TemporaryDirectory(dir=run.dir.parent) as tmp:
         change = Path(tmp) / "change.tif"  # the COG itself is the block stage's raster

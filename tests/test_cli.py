@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -329,12 +330,19 @@ def test_stage_commands(sample_run: tuple[Path, Path], tmp_path: Path) -> None:
     assert inv["grid"]["shape"] == [1024, 1024] and inv["rules"]["permits"] >= 2
     # export again: same patches, files rewritten atomically, manifest says so
     before = gpd.read_file(first / "patches.gpkg")
+    stamped = json.loads((first / "run.json").read_text(encoding="utf-8"))
+    stamped["timings_s"]["export"] = 1e6  # the rerun's time replaces it, is not added to it
+    (first / "run.json").write_text(json.dumps(stamped), encoding="utf-8")
     res = tuban("export", first)
     assert res.returncode == 0, res.stderr
     after = gpd.read_file(first / "patches.gpkg")
     assert sorted(after["patch_id"]) == sorted(before["patch_id"])
     man = json.loads((first / "run.json").read_text(encoding="utf-8"))
     assert man["rerun"]["stage"] == "export"
+    assert 0 < man["timings_s"]["export"] < 600
+    logged = re.search(r"stage export done in ([0-9.]+)s", res.stderr)
+    assert logged and float(logged.group(1)) < 600
+    assert man["timings_s"]["detect"] == stamped["timings_s"]["detect"]
     # track again: tests/test_rerun.py (on a register of its own: this module's runs share one)
     _assert_clean_failure(tuban("track", tmp_path), "run.json")
 

@@ -1,8 +1,12 @@
+import threading
+
 import numpy as np
 import pytest
+import rasterio.warp
+from rasterio.crs import CRS
 from rasterio.windows import Window
 
-from pipeline.grid import Grid
+from pipeline.grid import Grid, transform_bounds
 
 
 def test_from_bounds_snaps_outward() -> None:
@@ -84,3 +88,22 @@ def test_fewer_workers_when_the_memory_cannot_hold_them(monkeypatch) -> None:  #
     assert fit_workers(8, smallest) == 8 and fit_workers(8, 1024**2) == 4
     monkeypatch.setenv("TUBAN_MEMORY_MIB", "100")  # nothing fits: still one worker
     assert fit_workers(2, smallest) == 1
+
+
+@pytest.mark.parametrize(("src", "dst", "bounds"), [
+    (32650, 4547, (500_000.0, 2_545_000.0, 500_160.0, 2_545_160.0)),  # UTM 50N -> CGCS2000
+    (4326, 26915, (-94.52, 37.06, -94.50, 37.07)),  # lon/lat -> NAD83 UTM 15N (Joplin)
+    (26915, 4326, (366_700.0, 4_103_300.0, 367_800.0, 4_104_200.0)),
+    (4326, 32614, (-97.5, 30.0, -97.4, 30.1)),
+])
+def test_transform_bounds_matches_rasterio_in_any_thread(src: int, dst: int,
+                                                          bounds: tuple) -> None:
+    a, b = CRS.from_epsg(src), CRS.from_epsg(dst)
+    want = rasterio.warp.transform_bounds(a, b, *bounds, densify_pts=21)
+    assert transform_bounds(a, b, *bounds) == pytest.approx(want, rel=0, abs=1e-9)
+    # the same figures from another thread, which gets a transformer of its own
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(transform_bounds(a, b, *bounds)))
+    t.start()
+    t.join()
+    assert got[0] == pytest.approx(want, rel=0, abs=1e-9)

@@ -21,11 +21,11 @@ from rasterio.enums import MaskFlags
 from rasterio.enums import Resampling as RioResampling
 from rasterio.errors import WindowError
 from rasterio.transform import array_bounds
-from rasterio.warp import reproject, transform_bounds
+from rasterio.warp import reproject
 from rasterio.windows import Window, from_bounds
 
 from .. import qa as qa_masks
-from ..grid import Grid
+from ..grid import Grid, transform_bounds
 from ..sensors import QaKind
 from ..types import BBox, Resampling
 from .imagery import ImageSource, Tile, names_file_on_read_error
