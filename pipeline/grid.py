@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ def norm_crs(crs: CRS | str | int | None, what: str = "input") -> CRS:
 
 
 @lru_cache(maxsize=64)
-def _transformer(src: CRS, dst: CRS, thread: int) -> Transformer:
+def _transformer(src: CRS, dst: CRS, owner: tuple[int, int]) -> Transformer:
     return Transformer.from_crs(src.to_wkt(), dst.to_wkt(), always_xy=True)
 
 
@@ -39,7 +40,8 @@ def transform_bounds(src: CRS, dst: CRS, left: float, bottom: float, right: floa
     """``rasterio.warp.transform_bounds`` (the same PROJ call and figures) through a
     transformer made once per CRS pair and thread: making one took 1-100 ms per call (UTM to
     CGCS2000 about 100 ms), paid on every block read and evidence chip."""
-    t = _transformer(src, dst, threading.get_ident())  # pyproj transformers stay in a thread
+    # a PROJ transformer stays in the process and thread that made it (not across a fork)
+    t = _transformer(src, dst, (os.getpid(), threading.get_ident()))
     return tuple(t.transform_bounds(left, bottom, right, top, densify_pts=densify_pts))
 
 
