@@ -12,6 +12,9 @@ generator itself runs in bounded memory. For each size it times, in one run:
     detector and building network, what sub-metre RGB imagery gets;
 (e) with ``--rerun``, ``tuban classify`` on a finished compare of the smallest pair: a stage
     rerun that reads the stored decisions instead of running the models;
+(f) with ``--reproject``, ``tuban compare`` on the smallest pair with the working grid in
+    CGCS2000 (EPSG:4547, as a bureau's config has it) instead of the pair's own UTM grid:
+    every block and evidence chip is then warped;
 
 and reports wall time, throughput (Mpx/s of one date), peak memory (RSS and PSS summed over
 the process tree, sampled with psutil every 50 ms; PSS counts pages shared by forked workers
@@ -23,7 +26,7 @@ PNGs), beside what this machine gives for two copies of the same work at once (i
 ceiling).
 
     .venv/bin/python bench/speed.py --sizes 4000 8000 16000 [--many] [--dask] [--rgb] [--rerun]
-        [--no-otb]
+        [--reproject] [--no-otb]
 
 Prints a table and writes ``bench/out/speed.json``.
 """
@@ -311,6 +314,8 @@ def machine_scaling(before: Path, after: Path) -> dict[str, Any]:
 
 #: the generated pairs' visible bands, for the RGB-only run (``--rgb``)
 RGB_BANDS = "red=3,green=2,blue=1"
+#: the working grid of ``--reproject``: CGCS2000 / 3-degree Gauss-Kruger CM 114E
+REPROJECT_CRS = "EPSG:4547"
 
 
 def tuban_compare(before: Path, after: Path, *, config: Path | None = None,
@@ -364,12 +369,13 @@ def otb_mad(before: Path, after: Path, sample: bool = True) -> dict[str, Any] | 
     return res
 
 
-def _config(tmp: Path, **detection: Any) -> Path:
+def _config(tmp: Path, crs: str = "EPSG:32650", **detection: Any) -> Path:
     import yaml
 
-    p = tmp / f"bench-{'-'.join(f'{k}{v}' for k, v in detection.items()) or 'default'}.yaml"
+    tag = "-".join(f"{k}{v}" for k, v in detection.items()) or "default"
+    p = tmp / f"bench-{tag}-{crs.replace(':', '')}.yaml"
     # the generated pairs are EPSG:32650 at 1 m; compare takes the grid from the config
-    data: dict[str, Any] = {"name": "bench", "crs": "EPSG:32650", "resolution": 1.0,
+    data: dict[str, Any] = {"name": "bench", "crs": crs, "resolution": 1.0,
                             "periods": [{"name": "x", "images": ["x"]},
                                         {"name": "y", "images": ["y"]}]}
     if detection:
@@ -430,6 +436,9 @@ def _bench_size(size: int, args: argparse.Namespace, detector: str,
         r["tuban_rgb"] = _timed(tuban_compare, before, after, bands=RGB_BANDS)
     if args.rerun and size == min(args.sizes):
         r["tuban_classify"] = _timed(tuban_rerun, before, after, stage="classify")
+    if args.reproject and size == min(args.sizes):
+        cfg = _config(spectral_cfg.parent, crs=REPROJECT_CRS)
+        r["tuban_cgcs2000"] = _timed(tuban_compare, before, after, config=cfg)
     return r
 
 
@@ -445,7 +454,8 @@ def _timed(fn: Any, *args: Any, **kw: Any) -> dict[str, Any]:
 
 def _rows(size: int, r: dict[str, Any]) -> list[dict]:
     rows = []
-    for label in ("floor", "tuban", "tuban_spectral", "tuban_rgb", "tuban_classify", "otb"):
+    for label in ("floor", "tuban", "tuban_spectral", "tuban_rgb", "tuban_classify",
+                  "tuban_cgcs2000", "otb"):
         x = r.get(label)
         if not x:
             continue
@@ -456,7 +466,7 @@ def _rows(size: int, r: dict[str, Any]) -> list[dict]:
             row["x_floor"] = round(x["wall_s"] / r["floor"]["wall_s"], 2)
             if r.get("otb") and r["otb"]["returncode"] == 0:
                 row["x_otb"] = round(x["wall_s"] / r["otb"]["wall_s"], 2)
-        if label == "tuban_classify":
+        if label in ("tuban_classify", "tuban_cgcs2000"):
             row["x_compare"] = round(x["wall_s"] / r["tuban"]["wall_s"], 2)
         rows.append(row)
     return rows
@@ -475,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rerun", action="store_true",
                     help="also time `tuban classify` on a compare of the smallest pair (a "
                          "stage rerun with the stored decisions: no models run)")
+    ap.add_argument("--reproject", action="store_true",
+                    help="also time the smallest pair on a CGCS2000 grid (every read warped)")
     ap.add_argument("--many", action="store_true",
                     help="also time a 4000² scene with ~100,000 small changes")
     ap.add_argument("--dask", action="store_true",
@@ -584,6 +596,10 @@ def summary_markdown(report: dict[str, Any], rows: list[dict]) -> str:
         if r["what"] == "tuban_classify":
             out.append(f"- {r['size']}²: `tuban classify` on the finished compare (stored "
                        f"decisions, no models) {r['wall_s']} s, {r['x_compare']}× the compare")
+        if r["what"] == "tuban_cgcs2000":
+            out.append(f"- {r['size']}²: `tuban compare` on a CGCS2000 grid (every read "
+                       f"warped) {r['wall_s']} s, {r['x_compare']}× the compare on the pair's "
+                       "own grid")
     for key in ("memory_ratio_peak_rss_mib_largest_vs_smallest",
                 "memory_ratio_peak_pss_mib_largest_vs_smallest"):
         if key in report:
