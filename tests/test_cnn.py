@@ -225,23 +225,30 @@ def test_config_switches_the_network_off() -> None:
 
 
 @pytest.mark.skipif(not CASES.exists(), reason="../shared absent")
-def test_real_levir_tile_network_raises_precision() -> None:
-    """Held out: the fold network that never saw ``test_102`` (fold 1 of the case split)."""
+def test_real_levir_network_raises_precision_held_out() -> None:
+    """Held out: every LEVIR case of the case split, each with the fold models that never saw
+    it, pooled. One fold's network can be weak (fold networks do not retrain to the same
+    weights on another machine; bench/RESULTS.md), so no single case is asserted."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from accuracy import FOLD_CACHE, counts, load_case, scores
+    from accuracy import FOLD_CACHE, _add, counts, load_case, scores
 
-    fold = FOLD_CACHE / "cases" / "1"
-    if cnn.net_for(fold, 0.5) is None or not (fold / "learned_rgb.txt").exists():
+    folds = sorted((FOLD_CACHE / "cases").glob("*"))
+    if not folds or any(cnn.net_for(f, 0.5) is None or not (f / "learned_rgb.txt").exists()
+                        for f in folds):
         pytest.skip("fold models not trained (bench/accuracy.py trains them)")
-    case = load_case(CASES / "levir" / "test_102")
-    assert "levir/test_102" in json.loads(cnn.paths(fold, "rgb_1m")[1].read_text())["test_cases"]
-    got = {}
-    for net in (True, False):
-        det = LearnedDetector(case.roles, case.res_m, model_dir=fold, network=net)
-        out = det(case.before, case.after, case.valid, case.roles, case.res_m)
-        got[net] = scores(counts(decide(out["change"], case.valid, case.res_m), case.label))
-    assert got[True]["precision"] > got[False]["precision"] + 0.1
-    assert got[True]["f1"] > got[False]["f1"]
+    pooled: dict[bool, dict[str, float]] = {True: {}, False: {}}
+    for fold in folds:
+        for name in json.loads(cnn.paths(fold, "rgb_1m")[1].read_text())["test_cases"]:
+            case = load_case(CASES / name)
+            for net in (True, False):
+                det = LearnedDetector(case.roles, case.res_m, model_dir=fold, network=net)
+                out = det(case.before, case.after, case.valid, case.roles, case.res_m)
+                _add(pooled[net], counts(decide(out["change"], case.valid, case.res_m),
+                                         case.label))
+    with_net, without = scores(pooled[True]), scores(pooled[False])
+    # this cache: precision 0.287 -> 0.652, F1 0.409 -> 0.642
+    assert with_net["precision"] > without["precision"] + 0.2
+    assert with_net["f1"] > without["f1"] + 0.1
 
 
 def test_run_record_names_the_models_used() -> None:
