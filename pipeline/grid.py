@@ -38,9 +38,9 @@ def _transformer(src: CRS, dst: CRS, owner: tuple[int, int]) -> Transformer:
 def transform_bounds(src: CRS, dst: CRS, left: float, bottom: float, right: float, top: float,
                      densify_pts: int = 21) -> BBox:
     """``rasterio.warp.transform_bounds`` (the same PROJ call and figures) through a
-    transformer made once per CRS pair and thread: making one took 1-100 ms per call (UTM to
-    CGCS2000 about 100 ms), paid on every block read and evidence chip."""
-    # a PROJ transformer stays in the process and thread that made it (not across a fork)
+    transformer made once per CRS pair, process and thread (a PROJ transformer stays in the
+    thread that made it, and is not shared across a fork): making one took 1-100 ms per call
+    (UTM to CGCS2000 about 100 ms), paid on every block read and evidence chip."""
     t = _transformer(src, dst, (os.getpid(), threading.get_ident()))
     return tuple(t.transform_bounds(left, bottom, right, top, densify_pts=densify_pts))
 
