@@ -200,19 +200,18 @@ def _qa_invalid(path: Path, kind: QaKind, dst_transform: Affine, dst_shape: tupl
     """A product mask decoded (:mod:`pipeline.qa`) and put on the destination window (nearest);
     True = not observed. None where the mask file does not reach the window."""
     h, w = dst_shape
-    with rasterio.open(path) as ds:
-        ratio = min(abs(dst_transform.a), abs(dst_transform.e)) / _src_px_in_dst(ds, dst_crs)
-        win = _src_window(ds, array_bounds(h, w, dst_transform), dst_crs, ratio)
-        if win is None:
-            return None
-        factor = max(1, int(ratio))
-        out_h = max(1, math.ceil(win.height / factor))
-        out_w = max(1, math.ceil(win.width / factor))
-        codes = ds.read(1, window=win, out_shape=(out_h, out_w),
-                        resampling=RioResampling.nearest)
-        src_transform = ds.window_transform(win) @ Affine.scale(win.width / out_w,
-                                                                 win.height / out_h)
-        src_crs = ds.crs
+    ds = _dataset(path)
+    ratio = min(abs(dst_transform.a), abs(dst_transform.e)) / _src_px_in_dst(ds, dst_crs)
+    win = _src_window(ds, array_bounds(h, w, dst_transform), dst_crs, ratio)
+    if win is None:
+        return None
+    factor = max(1, int(ratio))
+    out_h = max(1, math.ceil(win.height / factor))
+    out_w = max(1, math.ceil(win.width / factor))
+    codes = ds.read(1, window=win, out_shape=(out_h, out_w), resampling=RioResampling.nearest)
+    src_transform = ds.window_transform(win) @ Affine.scale(win.width / out_w,
+                                                             win.height / out_h)
+    src_crs = ds.crs
     bad = qa_masks.invalid_mask(kind, codes).astype("uint8")
     out = np.zeros((h, w), dtype="uint8")  # outside the mask's footprint: no information
     reproject(bad, out, src_transform=src_transform, src_crs=src_crs, src_nodata=None,
