@@ -31,7 +31,6 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioIOError
-from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from .. import stac
@@ -44,7 +43,7 @@ from ..errors import (
     NoOverlapError,
     NotRasterError,
 )
-from ..grid import Grid, norm_crs
+from ..grid import Grid, norm_crs, transform_bounds
 from ..sensors import (
     DEFAULT_ROLES,
     NAME_ROLES,

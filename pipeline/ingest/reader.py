@@ -174,18 +174,16 @@ def _warp_file(path: Path, indexes: list[int], dst_transform: Affine,
     rs = RioResampling[resampling]
     if rs in (RioResampling.bilinear, RioResampling.cubic) and ratio >= 1.5:
         rs = RioResampling.average  # downsampling: average, not aliasing interpolation
-    if mask.all():
-        # nothing to leave out: GDAL's kernels without per-pixel validity (about twice as
-        # fast); not initialised, ``out`` keeps NaN where no source pixel lands, as with
-        # NaN nodata (same result to the bit)
-        reproject(arr, out, src_transform=src_transform, src_crs=src_crs, src_nodata=None,
-                  dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=None,
-                  init_dest_nodata=False, resampling=rs)
-    else:
+    # with nothing to leave out, GDAL's kernels without per-pixel validity (about twice as
+    # fast); not initialised, ``out`` keeps NaN where no source pixel lands, as with NaN
+    # nodata (same result to the bit)
+    whole = bool(mask.all())
+    if not whole:
         arr[:, ~mask] = np.nan
-        reproject(arr, out, src_transform=src_transform, src_crs=src_crs, src_nodata=np.nan,
-                  dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=np.nan,
-                  resampling=rs)
+    nd = None if whole else np.nan
+    reproject(arr, out, src_transform=src_transform, src_crs=src_crs, src_nodata=nd,
+              dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=nd,
+              init_dest_nodata=not whole, resampling=rs)
     vout = np.zeros((h, w), dtype="uint8")
     reproject(mask.astype("uint8"), vout, src_transform=src_transform, src_crs=src_crs,
               src_nodata=None, dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=None,
