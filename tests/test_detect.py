@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from pipeline.detect.registry import get_detector
-from pipeline.detect.spectral import EVIDENCE_KEYS, SpectralDetector
+from pipeline.detect.spectral import EVIDENCE_KEYS, STATE_KEYS, SpectralDetector
 from pipeline.errors import ConfigError
 
 ROLES = ("blue", "green", "red", "nir")
@@ -153,6 +153,33 @@ def test_registry_falls_back_without_learned_model(monkeypatch: pytest.MonkeyPat
     assert isinstance(get_detector("auto", ROLES, 1.0), SpectralDetector)
     with pytest.raises(ConfigError, match="no model"):
         get_detector("learned", ROLES, 1.0)
+
+
+@pytest.mark.parametrize("roles", [ROLES, ("blue", "green", "red")])
+def test_states_alone_are_the_full_calls(roles: tuple[str, ...]) -> None:
+    """``evidence`` gives the states ``__call__`` does, without the score: the same values
+    (ExG and vegetation on every pixel, where the full call has them only where change is
+    possible), NaN pixels left out of ``valid`` as there."""
+    before = textured()[[ROLES.index(r) for r in roles]]
+    after = before.copy()
+    after[:, 50:70, 10:30] = SOIL[[ROLES.index(r) for r in roles], None, None]  # a clearing
+    after[:, 0, 0] = np.nan
+    valid = np.ones(before.shape[1:], bool)
+    valid[90:, :] = False
+    det = SpectralDetector(1.0)
+    full = det(before, after, valid, roles, 1.0)
+    states = det.evidence(before, after, valid, roles, 1.0)
+    assert set(states) == {k for k in STATE_KEYS if k in full}
+    assert ("chroma_red_after" in states) and "score" not in states
+    for k, v in states.items():
+        assert v.dtype == np.float32 and v.shape == valid.shape, k
+        have = np.isfinite(full[k])
+        np.testing.assert_array_equal(v[have], full[k][have], err_msg=k)
+        if k.startswith(("exg_", "veg_")):
+            assert have[55:65, 15:25].all(), k  # the clearing: change possible, evaluated
+            assert np.isfinite(v).all() and not have.all(), k  # everywhere, not only there
+        else:
+            np.testing.assert_array_equal(np.isfinite(v), have, err_msg=k)
 
 
 def test_evidence_layers() -> None:

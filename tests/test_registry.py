@@ -91,6 +91,31 @@ def test_learned_on_sub_metre_rgb_nir_keeps_spectral_change_on_open_ground() -> 
     assert isinstance(get_detector("spectral", RGBN, 1.0), SpectralDetector)  # on request
 
 
+@needs_lgb
+def test_learned_takes_the_spectral_states_alone_off_open_ground(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off open ground the learned detector's colour evidence comes without the spectral
+    score (unused there): the spectral detector's full call, which costs five times as much,
+    does not run; on open ground it does (its decisions are ``change_any``)."""
+    rng = np.random.default_rng(0)
+    before = rng.uniform(0.05, 0.3, (4, 64, 64)).astype(np.float32)
+    after = before.copy()
+    after[:, 20:40, 20:40] = 0.35
+    valid = np.ones((64, 64), bool)
+    calls: list[str] = []
+    full = SpectralDetector.__call__
+    monkeypatch.setattr(SpectralDetector, "__call__",
+                        lambda self, *a: calls.append("full") or full(self, *a))
+    for roles, res, open_ground in ((RGB, 1.0, False), (RGBN, 10.0, False), (RGBN, 1.0, True)):
+        det = get_detector("learned", roles, res)
+        calls.clear()
+        out = det(before[:len(roles)], after[:len(roles)], valid, roles, res)
+        assert calls == (["full"] if open_ground else []), (roles, res)
+        assert {"chroma_red_after", "chroma_blue_after", "veg_after"} <= out.keys()
+        assert ("change_any" in out) == (open_ground or res < 4.5)
+        assert ("shape_score" in out) is False  # never passed on
+
+
 def test_open_ground_change_drops_illumination_only() -> None:
     spectral = {"change": np.full(4, 0.9, np.float32),
                 "shape_score": np.array([1.0, 5.0, 1.0, np.nan]),  # NaN: not evaluated
@@ -116,7 +141,7 @@ def test_fine_imagery_gets_every_layer_from_cells() -> None:
     fine_det = get_detector("auto", RGB, 0.125)
     b4, a4, v4 = (up_nearest(x, 4, (256, 256)) for x in (before, after, valid))
     fine = fine_det(b4, a4, v4, RGB, 0.125)
-    assert set(fine) == set(coarse) >= {"change", "change_any", "score", "chroma_red_after"}
+    assert set(fine) == set(coarse) >= {"change", "change_any", "veg_after", "chroma_red_after"}
     for key in coarse:
         np.testing.assert_allclose(fine[key], up_nearest(coarse[key], 4, (256, 256)),
                                    atol=1e-5, err_msg=key)

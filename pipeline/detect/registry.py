@@ -12,7 +12,7 @@ from ..classify import ILLUM_MAX_LOG_RATIO, ILLUM_SHAPE, ILLUM_SPREAD
 from ..errors import ConfigError
 from . import learned as L
 from .base import ChangeDetector
-from .spectral import EVIDENCE_KEYS, THRESHOLD, SpectralDetector
+from .spectral import STATE_KEYS, THRESHOLD, SpectralDetector
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +111,15 @@ class _WithEvidence:
     def _with_spectral(self, out: dict[str, np.ndarray], before: np.ndarray, after: np.ndarray,
                        valid: np.ndarray, roles: tuple[str, ...], res_m: float,
                        ) -> dict[str, np.ndarray]:
-        if self.open_ground or any(k not in out for k in EVIDENCE_KEYS):
+        if self.open_ground:  # its decisions are needed: the whole spectral detector
             extra = self.spectral(before, after, valid, roles, res_m)
-            if self.open_ground:
-                out["change_any"] = open_ground_change(extra)
-            out.update({k: v for k, v in extra.items()
-                        if k not in out and k not in self.NOT_PASSED})
+            out["change_any"] = open_ground_change(extra)
+        elif any(k not in out for k in STATE_KEYS):  # its per-date states only
+            extra = self.spectral.evidence(before, after, valid, roles, res_m)
+        else:
+            return out
+        out.update({k: v for k, v in extra.items()
+                    if k not in out and k not in self.NOT_PASSED})
         return out
 
 

@@ -71,6 +71,8 @@ EVIDENCE_KEYS: tuple[str, ...] = (
     "change", "score", "shape_score", "ratio_spread", "ndvi_before", "ndvi_after",
     "bright_before", "bright_after", "exg_before", "exg_after", "veg_before", "veg_after",
     "chroma_blue_after", "chroma_green_after", "chroma_red_after")
+#: the per-date states among them, which :meth:`SpectralDetector.evidence` gives alone
+STATE_KEYS: tuple[str, ...] = EVIDENCE_KEYS[4:]
 _EPS = 1e-6
 _VISIBLE = ("blue", "green", "red")
 
@@ -446,13 +448,7 @@ class SpectralDetector:
                  roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
         """Change evidence for one block (see :mod:`pipeline.detect.base`)."""
         roles = tuple(roles)
-        if before.shape != after.shape or before.shape[0] != len(roles):
-            raise ValueError(f"before {before.shape} / after {after.shape} do not match "
-                             f"{len(roles)} band roles {roles}")
-        valid = valid.astype(bool) & np.isfinite(before).all(0) & np.isfinite(after).all(0)
-        zero = np.float32(0.0)
-        before = np.where(valid, before, zero).astype(np.float32, copy=False)
-        after = np.where(valid, after, zero).astype(np.float32, copy=False)
+        before, after, valid = _observed(before, after, valid, roles)
         sigma = _smooth_sigma_px(res_m)
         sm = _Smoother(valid, sigma)
         fb, fa = _features(before, roles), _features(after, roles)
@@ -502,13 +498,51 @@ class SpectralDetector:
                                       "shape_score": shape_score, "ratio_spread": spread}
         # what only the classifier and the patch records read, on changed objects: computed
         # where change is possible (``need``), NaN elsewhere
-        nir = {"nir", "red"} <= set(roles)
-        for tag, img, f in (("before", before, fb), ("after", after, fa)):
-            out[f"ndvi_{tag}"] = f["ndvi"]
-            out[f"bright_{tag}"] = f["bright"]
-            exg = f["exg"][need] if "exg" in f else _exg_at(img, roles, need)
-            out[f"exg_{tag}"] = _scatter(exg, need)
-            out[f"veg_{tag}"] = _scatter(_veg(f["ndvi"][need], exg, nir), need)
-        for name in (c for c in fa if c.startswith("chroma_")):
-            out[f"{name}_after"] = fa[name].astype(np.float32, copy=False)
-        return out
+        return {**out, **_states(before, after, roles, fb, fa, need)}
+
+    def evidence(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
+                 roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:
+        """The per-date states of :meth:`__call__` (``ndvi_*``, ``bright_*``, ``exg_*``,
+        ``veg_*``, ``chroma_*_after``) on every pixel, without the change score: the layers
+        another detector's decisions are classified with (about a fifth of the cost)."""
+        roles = tuple(roles)
+        before, after, _ = _observed(before, after, valid, roles)
+        return _states(before, after, roles, _features(before, roles),
+                       _features(after, roles), None)
+
+
+def _observed(before: np.ndarray, after: np.ndarray, valid: np.ndarray,
+              roles: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Both dates as float32, 0 outside ``valid`` (which drops non-finite pixels too)."""
+    if before.shape != after.shape or before.shape[0] != len(roles):
+        raise ValueError(f"before {before.shape} / after {after.shape} do not match "
+                         f"{len(roles)} band roles {roles}")
+    valid = valid.astype(bool) & np.isfinite(before).all(0) & np.isfinite(after).all(0)
+    zero = np.float32(0.0)
+    before = np.where(valid, before, zero).astype(np.float32, copy=False)
+    after = np.where(valid, after, zero).astype(np.float32, copy=False)
+    return before, after, valid
+
+
+def _states(before: np.ndarray, after: np.ndarray, roles: tuple[str, ...], fb: dict,
+            fa: dict, need: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Per-date NDVI, brightness, chromatic ExG and vegetation, and the after date's
+    chromaticities, from :func:`_features`; ExG and vegetation only where ``need`` (NaN
+    elsewhere), on every pixel when it is None."""
+    out: dict[str, np.ndarray] = {}
+    nir = {"nir", "red"} <= set(roles)
+    where = np.ones(before.shape[1:], bool) if need is None else need
+    for tag, img, f in (("before", before, fb), ("after", after, fa)):
+        out[f"ndvi_{tag}"] = f["ndvi"]
+        out[f"bright_{tag}"] = f["bright"]
+        if need is None:
+            exg = f["exg"] if "exg" in f else _exg_at(img, roles, where).reshape(where.shape)
+            out[f"exg_{tag}"] = exg.astype(np.float32, copy=False)
+            out[f"veg_{tag}"] = _veg(f["ndvi"], exg, nir).astype(np.float32, copy=False)
+            continue
+        exg = f["exg"][need] if "exg" in f else _exg_at(img, roles, need)
+        out[f"exg_{tag}"] = _scatter(exg, need)
+        out[f"veg_{tag}"] = _scatter(_veg(f["ndvi"][need], exg, nir), need)
+    for name in (c for c in fa if c.startswith("chroma_")):
+        out[f"{name}_after"] = fa[name].astype(np.float32, copy=False)
+    return out
