@@ -39,9 +39,11 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THRE
 #: scikit-learn layer: set by the ``tuban`` command and in the local workers' fork server
 LEAN_LIGHTGBM_ENV = "TUBAN_LIGHTGBM_WITHOUT_SKLEARN"
 
-#: modules the local workers import once, in the fork server (the block and chip tasks, and
-#: LightGBM, which each worker otherwise imported on its first block)
-PRELOAD = ("pipeline.batch", "pipeline.chips", "pipeline.detect.gbm")
+#: modules the local workers import once, in the fork server: the block and chip tasks, and
+#: what each worker otherwise imported on its first block (LightGBM; onnxruntime; the
+#: morphology that scikit-image's ``label`` imports on its first call, 0.15 s)
+PRELOAD = ("pipeline.batch", "pipeline.chips", "pipeline.detect.gbm", "onnxruntime",
+           "skimage.morphology")
 
 
 def _init_worker(job: Any, parent: int) -> None:

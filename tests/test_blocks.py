@@ -124,3 +124,22 @@ print(f1 - f0, (f2 - f1) / 2)
                          text=True, check=True).stdout.split()
     before, after = float(out[0]), float(out[1])
     assert before > 1000 and after * 4 < before
+
+
+def test_local_workers_start_with_the_block_path_imported(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Workers forked from the fork server hold, before their first task, what the block path
+    would otherwise import during a worker's first block (each import repeated per worker)."""
+    (tmp_path / "probe_mod.py").write_text(
+        "import sys\n\n\ndef missing(job, item):\n"
+        "    return [m for m in job if m not in sys.modules]\n")
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from pipeline.blocks import PRELOAD, map_blocks, warm_up\n"
+        "warm_up(PRELOAD)\n"
+        "import probe_mod\n"
+        "mods = ['onnxruntime', 'skimage.morphology', 'lightgbm', 'pipeline.batch']\n"
+        "print([r for _, r in map_blocks(probe_mod.missing, mods, [0, 1], workers=2)])\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "[[], []]", out.stdout + out.stderr
