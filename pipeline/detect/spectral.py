@@ -531,12 +531,12 @@ def _states(before: np.ndarray, after: np.ndarray, roles: tuple[str, ...], fb: d
     elsewhere), on every pixel when it is None."""
     out: dict[str, np.ndarray] = {}
     nir = {"nir", "red"} <= set(roles)
-    where = np.ones(before.shape[1:], bool) if need is None else need
     for tag, img, f in (("before", before, fb), ("after", after, fa)):
         out[f"ndvi_{tag}"] = f["ndvi"]
         out[f"bright_{tag}"] = f["bright"]
         if need is None:
-            exg = f["exg"] if "exg" in f else _exg_at(img, roles, where).reshape(where.shape)
+            every = np.ones(img.shape[1:], bool)
+            exg = f["exg"] if "exg" in f else _exg_at(img, roles, every).reshape(every.shape)
             out[f"exg_{tag}"] = exg.astype(np.float32, copy=False)
             out[f"veg_{tag}"] = _veg(f["ndvi"], exg, nir).astype(np.float32, copy=False)
             continue
