@@ -73,6 +73,34 @@ def test_scene_medians_make_a_block_equal_the_whole_image() -> None:
     assert F.scene_medians(samples[:1], min_pixels=10**6) == {}  # too few: each block its own
 
 
+@pytest.mark.parametrize("roles", [("red", "green", "blue"), ("blue", "green", "red", "nir")])
+@pytest.mark.parametrize("scene_stretch", [False, True])
+def test_median_samples_are_the_features_own_values(roles: tuple[str, ...],
+                                                    scene_stretch: bool) -> None:
+    """The scene medians' samples are what :func:`F.compute` gives those layers, to the bit
+    (``decorr_r1`` = 1 - ``corr_r1``), though computed without the other features."""
+    a, b = _scene((96, 112), len(roles), 3), _scene((96, 112), len(roles), 4)
+    b[:, 30:60, 40:80] += 0.25
+    valid = np.ones((96, 112), bool)
+    valid[:9, :20] = False
+    a[:, 50:53, 7:9] = np.nan  # invalid pixels may hold anything
+    keep = np.zeros_like(valid)
+    keep[::2, ::2] = True
+    stretch = (F.stretch_params(a, valid), F.stretch_params(b, valid)) if scene_stretch else None
+    names, stack = F.compute(a, b, valid, roles, 2.0, stretch=stretch)
+    for k in (keep, None):
+        got = F.median_samples(a, b, valid, roles, 2.0, stretch=stretch, keep=k)
+        if k is None:
+            m = F.halo_px(2.0)
+            k = np.zeros_like(valid)
+            k[m:-m, m:-m] = True
+        assert list(got) == list(F.REL_BASES)
+        for name in F.REL_BASES:
+            layer = (1 - stack[names.index("corr_r1")] if name == "decorr_r1"
+                     else stack[names.index(name)])
+            np.testing.assert_array_equal(got[name], layer[valid & k], err_msg=name)
+
+
 def test_features_need_rgb() -> None:
     with pytest.raises(ValueError, match="red, green and blue"):
         F.feature_set(("nir", "swir1"))
