@@ -132,9 +132,15 @@ def test_unknown_roles_message_names_file_and_fix(make_raster) -> None:
         open_image(p)
     msg = str(e.value)
     assert "plain.tif" in msg and "--bands red=3,green=2,blue=1" in msg and "\n" not in msg
-    p2 = make_raster("rg.tif", np.full((2, 8, 8), 100, "uint16"), descriptions=["red", "green"])
-    with pytest.raises(BandRoleError, match=r"rg\.tif: cannot tell which band is blue"):
+    p2 = make_raster("rgbn.tif", np.full((4, 8, 8), 100, "uint16"),
+                     descriptions=["red", "green", "nir", ""])
+    with pytest.raises(BandRoleError, match=r"rgbn\.tif: cannot tell which band is blue"):
         open_image(p2)
+    for n in (1, 2):  # too few bands for any roles: no band option could help
+        p3 = make_raster(f"pan{n}.tif", np.full((n, 8, 8), 100, "uint16"))
+        with pytest.raises(BandRoleError, match=rf"pan{n}\.tif: has {n} band\(s\), and tuban "
+                           "needs red, green and blue"):
+            open_image(p3)
 
 
 def test_scale_by_dtype(make_raster) -> None:

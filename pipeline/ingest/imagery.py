@@ -186,6 +186,10 @@ def _check_roles(bands: dict[str, int], count: int, path: Path) -> dict[str, int
             raise BandRoleError(f"{path}: band {role}={idx} is out of range, the file has "
                                 f"{count} band(s); fix bands: / --bands")
     missing = [r for r in ("red", "green", "blue") if r not in bands]
+    if missing and count < 3:
+        raise BandRoleError(f"{path}: has {count} band(s), and tuban needs red, green and "
+                            "blue (a panchromatic or radar image alone is not enough); give "
+                            "the multispectral or pan-sharpened product")
     if missing:
         raise BandRoleError(f"{path}: cannot tell which band is {'/'.join(missing)}; pass "
                             "--bands red=3,green=2,blue=1 or set bands: in the config")
