@@ -448,7 +448,8 @@ def fit_alignment(before: ImageSource, after: ImageSource, grid: Grid, *, coregi
                   normalize: bool = True, max_shift_px: float = 8.0,
                   resampling: Resampling = "bilinear", window_px: int = SAMPLE_WINDOW_PX,
                   n_side: int = 3, workers: int | None = 1,
-                  scheduler: str | None = None) -> AlignParams:
+                  scheduler: str | None = None,
+                  reads: dict[tuple[int, int, int, int], tuple] | None = None) -> AlignParams:
     """Estimate the after→before shift and the radiometric gain/offset from ≤ ``n_side``²
     full-resolution windows of ``window_px`` spread over the grid (constant time in the
     scene size: nothing else is read).
@@ -460,7 +461,8 @@ def fit_alignment(before: ImageSource, after: ImageSource, grid: Grid, *, coregi
     in either date excluded), with the after windows moved by the estimated shift (each by its
     own where the shift varies) when it is not zero (in memory, bilinear: nothing is read
     twice). The windows are read on ``workers`` local processes (default 1: here) or the Dask
-    ``scheduler``; the result does not depend on where.
+    ``scheduler``; the result does not depend on where. ``reads``, when given, is filled with
+    each window's reads by :func:`window_key` (see :func:`read_aligned_block`'s ``raw``).
     """
     from .blocks import map_blocks
 
@@ -478,6 +480,8 @@ def fit_alignment(before: ImageSource, after: ImageSource, grid: Grid, *, coregi
     ks = list(range(len(wins)))  # map_blocks runs them here with one worker or one window
     done = dict(map_blocks(_window_pass, job, ks, workers=workers or 1, scheduler=scheduler))
     passes = [done[k] for k in ks]  # window order: the result never depends on timing
+    if reads is not None and resampling == "bilinear":  # what read_aligned_block takes
+        reads.update((window_key(w), p[1]) for w, p in zip(wins, passes, strict=True))
     est = [e for e, _ in passes if e is not None]
     local: tuple[tuple[float, float, float, float], ...] = ()
     if est:
@@ -528,21 +532,32 @@ def _percentiles(windows: list[tuple[np.ndarray, np.ndarray]],
     return tuple((float(lo), float(hi)) for lo, hi in p)
 
 
+def window_key(window: Window) -> tuple[int, int, int, int]:
+    """``(col_off, row_off, width, height)`` of a window, as a dict key."""
+    return (int(window.col_off), int(window.row_off), int(window.width), int(window.height))
+
+
 def read_aligned_block(before: ImageSource, after: ImageSource, grid: Grid, window: Window,
                        params: AlignParams, *, cloud_mask: bool = True,
-                       resampling: Resampling = "bilinear",
+                       resampling: Resampling = "bilinear", raw: tuple | None = None,
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Both periods on ``window``: ``(before, after, valid)`` in ``params.roles`` band order.
 
     ``after`` is read with the shift for this window (``params.shift_px``, or where it varies
     across the scene, :meth:`AlignParams.shift_for`) and normalised to ``before``'s radiometry;
     ``valid`` is both valid and, with ``cloud_mask``, free of cloud/shadow/haze in either date.
+    ``raw``: this window's reads by :func:`fit_alignment` (bilinear, unshifted), taken instead
+    of reading again where the window's shift is zero and ``resampling`` bilinear (the same
+    arrays); ignored otherwise.
     """
     roles = params.roles or common_roles(before, after)
-    a, va = read_block(before, grid, window, resampling=resampling)
-    b, vb = read_block(after, grid, window, resampling=resampling,
-                       shift_px=params.shift_for(window))
-    a, b_raw = _select(a, before, roles), _select(b, after, roles)
+    shift = params.shift_for(window)
+    if raw is not None and not any(shift) and resampling == "bilinear":
+        a, va, b_raw, vb = raw
+    else:
+        a, va = read_block(before, grid, window, resampling=resampling)
+        b, vb = read_block(after, grid, window, resampling=resampling, shift_px=shift)
+        a, b_raw = _select(a, before, roles), _select(b, after, roles)
     b = b_raw
     if params.gain:
         gain, offset = np.asarray(params.gain), np.asarray(params.offset)

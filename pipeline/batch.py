@@ -223,7 +223,7 @@ def _sample_lattice(window: Window, earlier: list[Window], shape: tuple[int, int
     return keep
 
 
-def with_scene_medians(job: BlockJob) -> align.AlignParams:
+def with_scene_medians(job: BlockJob, reads: dict | None = None) -> align.AlignParams:
     """``job.params`` with the learned detector's scene medians, measured on the whole scene or
     the alignment's sample windows (:func:`median_windows`): every block then divides its
     ``*_rel`` features by the same medians, whatever the block size. Unchanged for detectors
@@ -231,7 +231,8 @@ def with_scene_medians(job: BlockJob) -> align.AlignParams:
 
     Here, not on the workers: a worker would load the model once for the windows and again in
     the block pool (LEVIR 1024², 2 workers: align stage 2.3 s there, 1.4 s here, 0.7 s of it
-    loading the model, which this process does anyway).
+    loading the model, which this process does anyway). ``reads``: the alignment's window
+    reads (:func:`pipeline.align.fit_alignment`), not read again where they serve.
     """
     from .detect.features import scene_medians
 
@@ -245,7 +246,8 @@ def with_scene_medians(job: BlockJob) -> align.AlignParams:
     for k, win in enumerate(wins):
         before, after, valid = align.read_aligned_block(
             job.before, job.after, job.grid, win, job.params,
-            cloud_mask=job.detection.cloud_mask)
+            cloud_mask=job.detection.cloud_mask,
+            raw=(reads or {}).get(align.window_key(win)))
         keep = _sample_lattice(win, wins[:k], job.grid.shape, margin)
         samples.append(scene_samples(det, before, after, valid, job.params.roles,
                                      job.grid.res, keep))
@@ -386,10 +388,11 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
     with stage("align"):
         # given, or a resumed attempt's, or estimated (on the workers only when they are
         # there for the blocks anyway)
+        reads: dict = {}  # the alignment's window reads, for the scene medians
         params = params or (store.alignment() if store else None) or align.fit_alignment(
             before, after, grid, coregister=detection.coregister,
             normalize=detection.normalize, max_shift_px=detection.max_shift_px,
-            workers=n_workers if pool else 1, scheduler=scheduler)
+            workers=n_workers if pool else 1, scheduler=scheduler, reads=reads)
         log.info("alignment: shift %s px%s, gain %s", params.shift_px,
                  (f" (varying across the scene: {len(params.local_shifts)} windows, "
                   "each block reads its own)") if params.local_shifts else "",
@@ -397,7 +400,8 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
         job = BlockJob(before, after, grid, params, rules, detection, categories, resampling,
                        None if scores_in is None else str(scores_in))
         if not params.feature_medians:
-            params = with_scene_medians(job)
+            params = with_scene_medians(job, reads)
+        del reads
     if store is not None:
         store.save_alignment(params)
     job = replace(job, params=params)

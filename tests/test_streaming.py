@@ -94,6 +94,36 @@ def test_block_results_are_small() -> None:
     assert len(pickle.dumps(res)) < 2 * core_px + 2_000 * max(1, len(res.polygons.geoms))
 
 
+def test_scene_medians_take_the_alignment_reads_where_the_shift_is_zero(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scene medians' windows are the alignment's: where the after date's shift is zero,
+    its reads serve (no window read again) and the medians are the same; with a shift they
+    are read again, shifted."""
+    from dataclasses import replace
+
+    cfg = load_config(ROOT / "configs" / "sample.yaml")
+    before, after = (ingest.open_period(p, cfg.base_dir) for p in cfg.periods)
+    grid = ingest.working_grid([before, after], crs=cfg.crs, resolution=cfg.resolution)
+    monkeypatch.setattr(batch, "MEDIAN_WHOLE_PX", 0)  # the windows, not the whole scene
+    reads: dict = {}
+    params = align.fit_alignment(before, after, grid, coregister=False, reads=reads)
+    assert params.shift_px == (0.0, 0.0) and params.gain != (1.0,) * len(params.gain)
+    assert sorted(reads) == sorted(align.window_key(w) for w in batch.median_windows(grid))
+    job = batch.BlockJob(before, after, grid, params, {},
+                         cfg.detection.model_copy(update={"method": "learned"}),
+                         dict(cfg.categories))
+    calls: list[int] = []
+    read = align.read_block
+    monkeypatch.setattr(align, "read_block", lambda *a, **k: calls.append(1) or read(*a, **k))
+    plain = batch.with_scene_medians(job)
+    assert len(calls) == 2 * len(reads)
+    calls.clear()
+    assert batch.with_scene_medians(job, reads) == plain and calls == []
+    shifted = replace(job, params=replace(params, shift_px=(0.5, 0.0)))
+    assert batch.with_scene_medians(shifted, reads) == batch.with_scene_medians(shifted)
+    assert len(calls) == 4 * len(reads)  # read again both times
+
+
 def test_blocks_go_to_workers_in_runs_of_row_neighbours() -> None:
     from affine import Affine
 
