@@ -154,10 +154,12 @@ def _coarser(src: rasterio.DatasetReader, x: np.ndarray, f: int = 2,
 
 
 RESAMPLE = {"coarser": _coarser, "finer": _finer}
-#: run only when asked: ``finer4`` has 16× the pixels of a case; ``coarser4`` takes LEVIR to
-#: 2.2 m (GF-1, ZY-3); ``coarser6`` and ``coarser8`` to 3.3 and 4.4 m (PlanetScope; the top of
-#: the sub-metre regime, which ends at 4.5 m)
-EXTRA = {"finer4": partial(_finer, f=4), "coarser4": partial(_coarser, f=4),
+#: run only when asked: ``finer4`` has 16× the pixels of a case; ``coarser3`` takes LEVIR to
+#: 1.7 m (aerial orthophotos at 1.5 m, SPOT 6/7), ``coarser4`` to 2.2 m (GF-1, ZY-3);
+#: ``coarser6`` and ``coarser8`` to 3.3 and 4.4 m (PlanetScope; the top of the sub-metre
+#: regime, which ends at 4.5 m)
+EXTRA = {"finer4": partial(_finer, f=4), "coarser3": partial(_coarser, f=3),
+         "coarser4": partial(_coarser, f=4),
          "coarser6": partial(_coarser, f=6), "coarser8": partial(_coarser, f=8)}
 #: every resampling and every in-place change by name, the defaults and those run when asked
 ALL_RESAMPLE = {**RESAMPLE, **EXTRA}

@@ -51,10 +51,12 @@ class _WithEvidence:
     """Wraps a detector so its output carries every layer the classifier reads.
 
     Layers the wrapped detector lacks (e.g. ``chroma_*_after``) come from the spectral
-    detector; ``change`` stays the wrapped one's. The spectral illumination evidence
-    (``shape_score``, ``ratio_spread``) is not passed on: a learned model was trained on
-    illumination differences and judges them itself, while the spectral veto would discard
-    real change that brightens every band alike (new roofs on bare ground, storm debris).
+    detector (its per-date states alone, :meth:`SpectralDetector.evidence`, unless its
+    decisions are needed: ``open_ground``); ``change`` stays the wrapped one's. The spectral
+    illumination evidence (``shape_score``, ``ratio_spread``) is not passed on: a learned
+    model was trained on illumination differences and judges them itself, while the spectral
+    veto would discard real change that brightens every band alike (new roofs on bare
+    ground, storm debris).
 
     ``open_ground`` (sub-metre RGB+NIR imagery under the RGB model): the spectral detector's
     change is ``change_any``, which classify reads inside forest, farmland and ecological land
