@@ -223,7 +223,8 @@ def _sample_lattice(window: Window, earlier: list[Window], shape: tuple[int, int
     return keep
 
 
-def with_scene_medians(job: BlockJob, reads: dict | None = None) -> align.AlignParams:
+def with_scene_medians(job: BlockJob, reads: dict | None = None,
+                       threads: int = 1) -> align.AlignParams:
     """``job.params`` with the learned detector's scene medians, measured on the whole scene or
     the alignment's sample windows (:func:`median_windows`): every block then divides its
     ``*_rel`` features by the same medians, whatever the block size. Unchanged for detectors
@@ -231,8 +232,9 @@ def with_scene_medians(job: BlockJob, reads: dict | None = None) -> align.AlignP
 
     Here, not on the workers: a worker would load the model once for the windows and again in
     the block pool (LEVIR 1024², 2 workers: align stage 2.3 s there, 1.4 s here, 0.7 s of it
-    loading the model, which this process does anyway). ``reads``: the alignment's window
-    reads (:func:`pipeline.align.fit_alignment`), not read again where they serve.
+    loading the model, which this process does anyway), on up to ``threads`` threads.
+    ``reads``: the alignment's window reads (:func:`pipeline.align.fit_alignment`), not read
+    again where they serve.
     """
     from .detect.features import scene_medians
 
@@ -250,7 +252,7 @@ def with_scene_medians(job: BlockJob, reads: dict | None = None) -> align.AlignP
             raw=(reads or {}).get(align.window_key(win)))
         keep = _sample_lattice(win, wins[:k], job.grid.shape, margin)
         samples.append(scene_samples(det, before, after, valid, job.params.roles,
-                                     job.grid.res, keep))
+                                     job.grid.res, keep, threads))
     return replace(job.params, feature_medians=tuple(sorted(scene_medians(samples).items())))
 
 
@@ -400,7 +402,8 @@ def detect_pair(before: ingest.ImageSource, after: ingest.ImageSource, grid: Gri
         job = BlockJob(before, after, grid, params, rules, detection, categories, resampling,
                        None if scores_in is None else str(scores_in))
         if not params.feature_medians:
-            params = with_scene_medians(job, reads)
+            # here, while the block workers wait: on their cores
+            params = with_scene_medians(job, reads, threads=n_workers if pool else 1)
         del reads
     if store is not None:
         store.save_alignment(params)

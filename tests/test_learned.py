@@ -78,7 +78,8 @@ def test_scene_medians_make_a_block_equal_the_whole_image() -> None:
 def test_median_samples_are_the_features_own_values(roles: tuple[str, ...],
                                                     scene_stretch: bool) -> None:
     """The scene medians' samples are what :func:`F.compute` gives those layers, to the bit
-    (``decorr_r1`` = 1 - ``corr_r1``), though computed without the other features."""
+    (``decorr_r1`` = 1 - ``corr_r1``), though computed without the other features, on one
+    thread or several."""
     a, b = _scene((96, 112), len(roles), 3), _scene((96, 112), len(roles), 4)
     b[:, 30:60, 40:80] += 0.25
     valid = np.ones((96, 112), bool)
@@ -88,8 +89,9 @@ def test_median_samples_are_the_features_own_values(roles: tuple[str, ...],
     keep[::2, ::2] = True
     stretch = (F.stretch_params(a, valid), F.stretch_params(b, valid)) if scene_stretch else None
     names, stack = F.compute(a, b, valid, roles, 2.0, stretch=stretch)
-    for k in (keep, None):
-        got = F.median_samples(a, b, valid, roles, 2.0, stretch=stretch, keep=k)
+    for k, threads in ((keep, 1), (None, 1), (keep, 3)):
+        got = F.median_samples(a, b, valid, roles, 2.0, stretch=stretch, keep=k,
+                               threads=threads)
         if k is None:
             m = F.halo_px(2.0)
             k = np.zeros_like(valid)

@@ -13,6 +13,7 @@ serves 0.5 m aerial imagery and 30 m Landsat alike.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -285,13 +286,14 @@ def compute(before: np.ndarray, after: np.ndarray, valid: np.ndarray, roles: tup
 def median_samples(before: np.ndarray, after: np.ndarray, valid: np.ndarray,
                    roles: tuple[str, ...], res_m: float, *, kind: str | None = None,
                    stretch: tuple[np.ndarray, np.ndarray] | None = None,
-                   keep: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                   keep: np.ndarray | None = None, threads: int = 1) -> dict[str, np.ndarray]:
     """Values of :data:`REL_BASES` at the valid pixels of one sample window of a scene: where
     ``keep``, else away from the window's edges by :func:`halo_px` (there the neighbourhoods
     are the scene's). Pool many windows' samples with :func:`scene_medians`.
 
     The values :func:`compute` gives those layers, to the bit, without the other features
-    (a third of its cost on a 1024² RGB scene)."""
+    (a third of its cost on a 1024² RGB scene); the layers on up to ``threads`` threads
+    (numpy and scipy's filters release the GIL: 1.8x on two)."""
     raw_a, raw_b, a, b = _prepared(before, after, valid, roles, kind, stretch)
     sc = scales_for(res_m)
     rgb_a, rgb_b = a[:3], b[:3]
@@ -309,7 +311,14 @@ def median_samples(before: np.ndarray, after: np.ndarray, valid: np.ndarray,
         keep = np.zeros_like(valid)
         keep[m:-m, m:-m] = True
     inner = valid & keep
-    return {name: zero_nonfinite(layers[name]())[inner] for name in REL_BASES}
+
+    def sample(name: str) -> np.ndarray:
+        return zero_nonfinite(layers[name]())[inner]
+
+    if threads <= 1:
+        return {name: sample(name) for name in REL_BASES}
+    with ThreadPoolExecutor(min(threads, len(REL_BASES))) as pool:
+        return dict(zip(REL_BASES, pool.map(sample, REL_BASES), strict=True))
 
 
 def scene_medians(samples: Sequence[Mapping[str, np.ndarray]],

@@ -395,9 +395,9 @@ class LearnedDetector:
 
     def median_samples(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
                        roles: tuple[str, ...], res_m: float, keep: np.ndarray | None = None,
-                       ) -> dict[str, np.ndarray]:
+                       threads: int = 1) -> dict[str, np.ndarray]:
         """One sample window's share of the scene medians (see ``medians``), at the pixels
-        ``keep`` when given."""
+        ``keep`` when given (on up to ``threads`` threads)."""
         roles = tuple(roles)
         f = work_factor(res_m)
         if f > 1:
@@ -405,7 +405,8 @@ class LearnedDetector:
                 keep = C.downsample(keep.astype(np.float32), f) > 0
             before, after, valid = to_cells(before, after, valid, f)
         return F.median_samples(before, after, valid, roles, res_m * f,
-                                kind=self._kind(roles, res_m), stretch=self.stretch, keep=keep)
+                                kind=self._kind(roles, res_m), stretch=self.stretch, keep=keep,
+                                threads=threads)
 
     def __call__(self, before: np.ndarray, after: np.ndarray, valid: np.ndarray,
                  roles: tuple[str, ...], res_m: float) -> dict[str, np.ndarray]:

@@ -220,11 +220,13 @@ def takes_scene_samples(det: ChangeDetector) -> bool:
 
 def scene_samples(det: ChangeDetector, before: np.ndarray, after: np.ndarray,
                   valid: np.ndarray, roles: Sequence[str], res_m: float,
-                  keep: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
+                  keep: np.ndarray | None = None, threads: int = 1,
+                  ) -> dict[str, np.ndarray] | None:
     """One sample window's share (at the pixels ``keep``) of the scene statistics ``det``
-    takes as ``medians`` (None when it takes none: the spectral detector)."""
+    takes as ``medians`` (None when it takes none: the spectral detector), on up to
+    ``threads`` threads."""
     fn = getattr(_inner(det), "median_samples", None)
-    return fn(before, after, valid, tuple(roles), res_m, keep) if callable(fn) else None
+    return fn(before, after, valid, tuple(roles), res_m, keep, threads) if callable(fn) else None
 
 
 def describe(det: ChangeDetector, roles: Sequence[str], res_m: float) -> dict[str, object]:
