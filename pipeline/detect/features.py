@@ -292,7 +292,7 @@ def median_samples(before: np.ndarray, after: np.ndarray, valid: np.ndarray,
     are the scene's). Pool many windows' samples with :func:`scene_medians`.
 
     The values :func:`compute` gives those layers, to the bit, without the other features
-    (a third of its cost on a 1024² RGB scene); the layers on up to ``threads`` threads
+    (about half its time on a 1024² RGB scene); the layers on up to ``threads`` threads
     (numpy and scipy's filters release the GIL: 1.8x on two)."""
     raw_a, raw_b, a, b = _prepared(before, after, valid, roles, kind, stretch)
     sc = scales_for(res_m)
