@@ -138,6 +138,24 @@ def _read_direct(ds: rasterio.DatasetReader, indexes: list[int], off: tuple[int,
     return out, valid
 
 
+def _source_read(ds: rasterio.DatasetReader, dst_transform: Affine, dst_shape: tuple[int, int],
+                 dst_crs: CRS) -> tuple[float, Window, tuple[int, int], Affine] | None:
+    """How to read a file for a destination window: the destination-to-source pixel ratio,
+    the source window under it (plus resampling context), the shape to read it at (decimated
+    by the ratio's integer part where the grid is coarser: overviews, ``out_shape``) and that
+    read's transform; None when the file does not reach the window."""
+    h, w = dst_shape
+    ratio = min(abs(dst_transform.a), abs(dst_transform.e)) / _src_px_in_dst(ds, dst_crs)
+    win = _src_window(ds, array_bounds(h, w, dst_transform), dst_crs, ratio)
+    if win is None:
+        return None
+    factor = max(1, int(ratio))
+    shape = (max(1, math.ceil(win.height / factor)), max(1, math.ceil(win.width / factor)))
+    src_transform = ds.window_transform(win) @ Affine.scale(win.width / shape[1],
+                                                             win.height / shape[0])
+    return ratio, win, shape, src_transform
+
+
 @names_file_on_read_error
 def _warp_file(path: Path, indexes: list[int], dst_transform: Affine,
                dst_shape: tuple[int, int], dst_crs: CRS, resampling: str,
@@ -145,25 +163,17 @@ def _warp_file(path: Path, indexes: list[int], dst_transform: Affine,
     """Bands ``indexes`` of one file warped onto the destination window:
     (float32 DN with NaN, bool valid), or None when the file does not reach the window."""
     h, w = dst_shape
-    left, bottom, right, top = array_bounds(h, w, dst_transform)
     ds = _dataset(path)
     off = _same_grid_window(ds, dst_transform, dst_crs)
     if off is not None:  # the working grid is the file's own: no resampling needed
         return _read_direct(ds, indexes, off, dst_shape, nodata)
-    ratio = min(abs(dst_transform.a), abs(dst_transform.e)) / _src_px_in_dst(ds, dst_crs)
-    win = _src_window(ds, (left, bottom, right, top), dst_crs, ratio)
-    if win is None:
+    plan = _source_read(ds, dst_transform, dst_shape, dst_crs)
+    if plan is None:
         return None
-    factor = max(1, int(ratio))  # read decimated (overviews/out_shape) when grid is coarser
-    out_h = max(1, math.ceil(win.height / factor))
-    out_w = max(1, math.ceil(win.width / factor))
-    down = RioResampling.average if factor > 1 else RioResampling.nearest
-    data = ds.read(indexes, window=win, out_shape=(len(indexes), out_h, out_w),
-                   resampling=down)
-    mask = ds.dataset_mask(window=win, out_shape=(out_h, out_w),
-                           resampling=RioResampling.nearest) > 0
-    src_transform = ds.window_transform(win) @ Affine.scale(win.width / out_w,
-                                                             win.height / out_h)
+    ratio, win, shape, src_transform = plan
+    down = RioResampling.average if ratio >= 2 else RioResampling.nearest  # decimated read
+    data = ds.read(indexes, window=win, out_shape=(len(indexes), *shape), resampling=down)
+    mask = ds.dataset_mask(window=win, out_shape=shape, resampling=RioResampling.nearest) > 0
     src_crs = ds.crs
     arr = data.astype("float32")
     mask &= np.isfinite(arr).all(axis=0)
@@ -199,16 +209,11 @@ def _qa_invalid(path: Path, kind: QaKind, dst_transform: Affine, dst_shape: tupl
     True = not observed. None where the mask file does not reach the window."""
     h, w = dst_shape
     ds = _dataset(path)
-    ratio = min(abs(dst_transform.a), abs(dst_transform.e)) / _src_px_in_dst(ds, dst_crs)
-    win = _src_window(ds, array_bounds(h, w, dst_transform), dst_crs, ratio)
-    if win is None:
+    plan = _source_read(ds, dst_transform, dst_shape, dst_crs)
+    if plan is None:
         return None
-    factor = max(1, int(ratio))
-    out_h = max(1, math.ceil(win.height / factor))
-    out_w = max(1, math.ceil(win.width / factor))
-    codes = ds.read(1, window=win, out_shape=(out_h, out_w), resampling=RioResampling.nearest)
-    src_transform = ds.window_transform(win) @ Affine.scale(win.width / out_w,
-                                                             win.height / out_h)
+    _, win, shape, src_transform = plan
+    codes = ds.read(1, window=win, out_shape=shape, resampling=RioResampling.nearest)
     src_crs = ds.crs
     bad = qa_masks.invalid_mask(kind, codes).astype("uint8")
     out = np.zeros((h, w), dtype="uint8")  # outside the mask's footprint: no information
