@@ -531,15 +531,11 @@ def _states(before: np.ndarray, after: np.ndarray, roles: tuple[str, ...], fb: d
     elsewhere), on every pixel when it is None."""
     out: dict[str, np.ndarray] = {}
     nir = {"nir", "red"} <= set(roles)
+    if need is None:
+        need = np.ones(before.shape[1:], bool)
     for tag, img, f in (("before", before, fb), ("after", after, fa)):
         out[f"ndvi_{tag}"] = f["ndvi"]
         out[f"bright_{tag}"] = f["bright"]
-        if need is None:
-            every = np.ones(img.shape[1:], bool)
-            exg = f["exg"] if "exg" in f else _exg_at(img, roles, every).reshape(every.shape)
-            out[f"exg_{tag}"] = exg.astype(np.float32, copy=False)
-            out[f"veg_{tag}"] = _veg(f["ndvi"], exg, nir).astype(np.float32, copy=False)
-            continue
         exg = f["exg"][need] if "exg" in f else _exg_at(img, roles, need)
         out[f"exg_{tag}"] = _scatter(exg, need)
         out[f"veg_{tag}"] = _scatter(_veg(f["ndvi"][need], exg, nir), need)
