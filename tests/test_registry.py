@@ -46,16 +46,17 @@ def test_auto_rgb_is_learned(res: float) -> None:
 @needs_lgb
 def test_auto_rgb_nir_by_resolution() -> None:
     """Without an RGB+NIR model: RGB+NIR imagery gets the RGB model (NIR ignored) at any pixel
-    size; below 2 m (GF-2, Jilin-1) the spectral detector keeps forest, farmland and ecological
-    land (on its own it scores below the textbook reference on the real cases)."""
+    size; up to 4.5 m (GF-2, Jilin-1, GF-1, PlanetScope) the spectral detector keeps forest,
+    farmland and ecological land (on its own it scores below the textbook reference on the real
+    cases); Sentinel-2 does not."""
     from pipeline.detect import learned
 
     if learned._kind_for(RGBN, learned.MODEL_DIR, 1.0, exact=True) == "ms":
         pytest.skip("an RGB+NIR model ships")
-    for res in (0.5, 1.0, 1.9, 3.0, 10.0):
+    for res in (0.5, 1.0, 2.0, 3.0, 4.5, 5.0, 10.0):
         det = get_detector("auto", RGBN, res)
         assert _is_learned(det), res
-        assert det.open_ground == (res < 2.0), res
+        assert det.open_ground == (res <= 4.5), res
     assert _is_learned(get_detector("learned", RGBN, 1.0))
 
 

@@ -58,7 +58,7 @@ class _WithEvidence:
     veto would discard real change that brightens every band alike (new roofs on bare
     ground, storm debris).
 
-    ``open_ground`` (sub-metre RGB+NIR imagery under the RGB model): the spectral detector's
+    ``open_ground`` (RGB+NIR imagery up to 4.5 m under the RGB model): the spectral detector's
     change is ``change_any``, which classify reads inside forest, farmland and ecological land
     only (:func:`pipeline.classify.zoned_change`). There its NIR evidence finds tomb clearings
     and soil on farmland, which the RGB model, trained on buildings, passes over (and its pixel
@@ -165,7 +165,7 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
     ``"auto"`` chooses by bands and pixel size only: the learned detector when
     :mod:`pipeline.detect.learned` ships a model for them (RGB imagery: the RGB model; RGB+NIR:
     an RGB+NIR model, else the RGB model with its NIR ignored), else the spectral one. On
-    RGB+NIR imagery finer than ``learned.OPEN_GROUND_MAX_RES_M`` (2 m: GF-2, Jilin-1) the
+    RGB+NIR imagery up to ``learned.OPEN_GROUND_MAX_RES_M`` (4.5 m: GF-2, Jilin-1, GF-1) the
     spectral detector still decides inside forest, farmland and ecological land, where its NIR
     evidence finds the small clearings the RGB model misses (``open_ground``, see
     :class:`_WithEvidence`). ``"learned"`` is the same but raises where no model serves the
@@ -183,9 +183,9 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
     if key not in DETECTORS:
         raise ConfigError(f"unknown detection method {name!r}; use one of {', '.join(DETECTORS)}")
     if key in ("auto", "learned"):
-        # sub-metre RGB+NIR: the RGB model decides, the spectral detector's NIR evidence inside
+        # RGB+NIR up to 4.5 m: the RGB model decides, the spectral detector's NIR evidence inside
         # forest, farmland and ecological land (see _WithEvidence)
-        open_ground = "nir" in roles and res_m < L.OPEN_GROUND_MAX_RES_M
+        open_ground = "nir" in roles and res_m <= L.OPEN_GROUND_MAX_RES_M
         det = _learned(roles, res_m, exact=key == "auto", network=network, stretch=stretch,
                        medians=medians, open_ground=open_ground, threshold=threshold)
         if det is not None:
