@@ -47,8 +47,8 @@ def test_auto_rgb_is_learned(res: float) -> None:
 def test_auto_rgb_nir_by_resolution() -> None:
     """Without an RGB+NIR model: RGB+NIR imagery gets the RGB model (NIR ignored) at any pixel
     size; up to 4.5 m (GF-2, Jilin-1, GF-1, PlanetScope) the spectral detector keeps forest,
-    farmland and ecological land (on its own it scores below the textbook reference on the real
-    cases); Sentinel-2 does not."""
+    farmland and ecological land, as on RGB imagery (on its own it scores below the textbook
+    reference on the real cases); Sentinel-2 does not."""
     from pipeline.detect import learned
 
     if learned._kind_for(RGBN, learned.MODEL_DIR, 1.0, exact=True) == "ms":
@@ -82,13 +82,16 @@ def test_model_dir_env_without_models_falls_back(tmp_path, monkeypatch) -> None:
 
 
 @needs_lgb
-def test_learned_on_sub_metre_rgb_nir_keeps_spectral_change_on_open_ground() -> None:
+def test_learned_on_fine_imagery_keeps_spectral_change_on_open_ground() -> None:
     for method in ("auto", "learned"):
-        det = get_detector(method, RGBN, 1.0, threshold=4.0)
-        assert det.open_ground and det.spectral.threshold == 4.0
-        assert describe(det, RGBN, 1.0)["open_ground"] == {"name": "spectral", "threshold": 4.0}
+        for roles in (RGBN, RGB):  # NDVI, or excess green
+            det = get_detector(method, roles, 1.0, threshold=4.0)
+            assert det.open_ground and det.spectral.threshold == 4.0
+            assert describe(det, roles, 1.0)["open_ground"] == {"name": "spectral",
+                                                                "threshold": 4.0}
+    assert get_detector("learned", RGB, 4.5).open_ground
+    assert not get_detector("learned", RGB, 5.0).open_ground
     assert not get_detector("learned", RGBN, 10.0).open_ground  # as "auto" there
-    assert not get_detector("learned", RGB, 1.0).open_ground  # no NIR evidence
     assert isinstance(get_detector("spectral", RGBN, 1.0), SpectralDetector)  # on request
 
 
@@ -107,7 +110,8 @@ def test_learned_takes_the_spectral_states_alone_off_open_ground(
     full = SpectralDetector.__call__
     monkeypatch.setattr(SpectralDetector, "__call__",
                         lambda self, *a: calls.append("full") or full(self, *a))
-    for roles, res, open_ground in ((RGB, 1.0, False), (RGBN, 10.0, False), (RGBN, 1.0, True)):
+    for roles, res, open_ground in ((RGB, 10.0, False), (RGBN, 10.0, False), (RGBN, 1.0, True),
+                                    (RGB, 1.0, True)):
         det = get_detector("learned", roles, res)
         calls.clear()
         out = det(before[:len(roles)], after[:len(roles)], valid, roles, res)

@@ -58,12 +58,13 @@ class _WithEvidence:
     veto would discard real change that brightens every band alike (new roofs on bare
     ground, storm debris).
 
-    ``open_ground`` (RGB+NIR imagery up to 4.5 m under the RGB model): the spectral detector's
+    ``open_ground`` (imagery up to 4.5 m under the RGB model): the spectral detector's
     change is ``change_any``, which classify reads inside forest, farmland and ecological land
-    only (:func:`pipeline.classify.zoned_change`). There its NIR evidence finds tomb clearings
-    and soil on farmland, which the RGB model, trained on buildings, passes over (and its pixel
-    model, on whole parcels, merges with harvests); elsewhere the RGB model and its network
-    decide, as on RGB imagery.
+    only (:func:`pipeline.classify.zoned_change`). There its vegetation evidence (NDVI, or
+    excess green without NIR) finds tomb clearings and soil on farmland, which the RGB model,
+    trained on buildings, passes over (and its pixel model, on whole parcels, merges with
+    harvests, and takes clouds and shadows for change); elsewhere the RGB model and its
+    network decide.
     """
 
     #: spectral layers that would let classify veto the wrapped detector's decisions
@@ -165,9 +166,9 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
     ``"auto"`` chooses by bands and pixel size only: the learned detector when
     :mod:`pipeline.detect.learned` ships a model for them (RGB imagery: the RGB model; RGB+NIR:
     an RGB+NIR model, else the RGB model with its NIR ignored), else the spectral one. On
-    RGB+NIR imagery up to ``learned.OPEN_GROUND_MAX_RES_M`` (4.5 m: GF-2, Jilin-1, GF-1) the
-    spectral detector still decides inside forest, farmland and ecological land, where its NIR
-    evidence finds the small clearings the RGB model misses (``open_ground``, see
+    imagery up to ``learned.OPEN_GROUND_MAX_RES_M`` (4.5 m: aerial, GF-2, Jilin-1, GF-1) the
+    spectral detector still decides inside forest, farmland and ecological land, where its
+    vegetation evidence finds the small clearings the RGB model misses (``open_ground``, see
     :class:`_WithEvidence`). ``"learned"`` is the same but raises where no model serves the
     bands, and takes a model outside its trained pixel sizes.
 
@@ -183,9 +184,9 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
     if key not in DETECTORS:
         raise ConfigError(f"unknown detection method {name!r}; use one of {', '.join(DETECTORS)}")
     if key in ("auto", "learned"):
-        # RGB+NIR up to 4.5 m: the RGB model decides, the spectral detector's NIR evidence inside
-        # forest, farmland and ecological land (see _WithEvidence)
-        open_ground = "nir" in roles and res_m <= L.OPEN_GROUND_MAX_RES_M
+        # up to 4.5 m: the RGB model decides, the spectral detector inside forest, farmland
+        # and ecological land (see _WithEvidence)
+        open_ground = res_m <= L.OPEN_GROUND_MAX_RES_M
         det = _learned(roles, res_m, exact=key == "auto", network=network, stretch=stretch,
                        medians=medians, open_ground=open_ground, threshold=threshold)
         if det is not None:
