@@ -58,13 +58,14 @@ class _WithEvidence:
     veto would discard real change that brightens every band alike (new roofs on bare
     ground, storm debris).
 
-    ``open_ground`` (imagery up to 4.5 m under the RGB model): the spectral detector's
-    change is ``change_any``, which classify reads inside forest, farmland and ecological land
-    only (:func:`pipeline.classify.zoned_change`). There its vegetation evidence (NDVI, or
-    excess green without NIR) finds tomb clearings and soil on farmland, which the RGB model,
-    trained on buildings, passes over (and its pixel model, on whole parcels, merges with
-    harvests, and takes clouds and shadows for change); elsewhere the RGB model and its
-    network decide.
+    ``open_ground`` (imagery up to 4.5 m under the RGB model): ``change_any``, which classify
+    reads inside forest, farmland and ecological land only
+    (:func:`pipeline.classify.zoned_change`), is the wrapped detector's ``change`` (with its
+    network: new and vanished buildings) joined by the spectral detector's change. There its
+    vegetation evidence (NDVI, or excess green without NIR) finds tomb clearings and soil on
+    farmland, which the RGB model, trained on buildings, passes over; the pixel model's own
+    decision, which ``change_any`` was before, merges whole parcels with harvests and takes
+    clouds for change. Elsewhere the RGB model and its network decide.
     """
 
     #: spectral layers that would let classify veto the wrapped detector's decisions
@@ -116,7 +117,8 @@ class _WithEvidence:
                        ) -> dict[str, np.ndarray]:
         if self.open_ground:  # its decisions are needed: the whole spectral detector
             extra = self.spectral(before, after, valid, roles, res_m)
-            out["change_any"] = open_ground_change(extra)
+            if "change" in out:  # not when only evidence is asked for (evidence_of)
+                out["change_any"] = np.maximum(out["change"], open_ground_change(extra))
         elif any(k not in out for k in STATE_KEYS):  # its per-date states only
             extra = self.spectral.evidence(before, after, valid, roles, res_m)
         else:
