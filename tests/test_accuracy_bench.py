@@ -107,3 +107,28 @@ def test_a_model_run_that_fell_back_to_the_spectral_detector_is_an_error(tmp_pat
         A.run_compare(tmp_path / "cases" / "elsewhere" / "town", tmp_path / "out", models)
     # the shipped models run as themselves
     A.run_compare(tmp_path / "cases" / "elsewhere" / "town", tmp_path / "out2", learned.MODEL_DIR)
+
+
+def test_utm_crs() -> None:
+    assert A.utm_crs(114.0, 23.0) == "EPSG:32650"
+    assert A.utm_crs(-98.0, 30.2) == "EPSG:32614"  # LEVIR's Texas
+    assert A.utm_crs(-98.0, -30.2) == "EPSG:32714"
+    assert A.utm_crs(-180.0, 0.0) == "EPSG:32601" and A.utm_crs(179.9, 0.0) == "EPSG:32660"
+
+
+def test_zoned_run_declares_the_case_farmland(tmp_path: Path) -> None:
+    """The ``farmland`` protocol: ``tuban run`` with a farmland layer over the whole case. The
+    synthetic squares on vegetation and soil are found there (vegetation lost, soil gained),
+    where through compare, outside any rule layer, the building network vetoes most of them."""
+    d = tmp_path / "cases" / "elsewhere" / "town"
+    write_case(d, seed=5, res_m=1.0)
+    case = A.load_case(d)
+    zoned = A.run_zoned(d, tmp_path / "zoned", case)
+    out = tmp_path / "zoned" / "elsewhere" / "town"
+    man = json.loads((out / "runs" / "zoned" / "run.json").read_text())
+    assert list(man["config"]["rules"]) == ["farmland"]
+    assert man["detector"]["open_ground"]["name"] == "spectral"
+    plain = A.run_compare(d, tmp_path / "plain")
+    recall = {k: A.scores(A.counts(p, case.label))["recall"]
+              for k, p in (("zoned", zoned), ("plain", plain))}
+    assert recall["zoned"] > 0.7 and recall["zoned"] > recall["plain"], recall
