@@ -195,11 +195,16 @@ def run_compare(case_dir: Path, workdir: Path, model_dir: Path | None = None,
     """Run ``tuban compare`` on a case (with the models in ``model_dir``, default the shipped
     ones, and ``config`` if given) and return its patches on the label grid."""
     out = workdir / case_dir.parent.name / case_dir.name
+    args = ["compare", str(case_dir / "before.tif"), str(case_dir / "after.tif"), "-o", str(out)]
+    _tuban(args + (["--config", str(config)] if config is not None else []), model_dir, out)
+    return rasterize_patches(out / "patches.geojson", case_dir / "label.tif")
+
+
+def _tuban(args: list[str], model_dir: Path | None, out: Path) -> None:
+    """Run ``tuban ARGS`` (with the models in ``model_dir``, default the shipped ones), which
+    writes ``out/run.json``; an error when it fails or did not run those models."""
     exe = Path(sys.executable).with_name("tuban")
-    cmd = [str(exe) if exe.exists() else "tuban", "compare", str(case_dir / "before.tif"),
-           str(case_dir / "after.tif"), "-o", str(out)]
-    if config is not None:
-        cmd += ["--config", str(config)]
+    cmd = [str(exe) if exe.exists() else "tuban", *args]
     env = {k: v for k, v in os.environ.items() if k != "TUBAN_MODEL_DIR"}
     if model_dir is not None:
         env["TUBAN_MODEL_DIR"] = str(model_dir)
@@ -211,7 +216,6 @@ def run_compare(case_dir: Path, workdir: Path, model_dir: Path | None = None,
         why = [ln for ln in res.stderr.splitlines() if "learned detector" in ln]
         raise RuntimeError(f"{' '.join(cmd)} ran the {used} detector instead of the models in "
                            f"{model_dir}: {why[-1] if why else res.stderr.strip()[-300:]}")
-    return rasterize_patches(out / "patches.geojson", case_dir / "label.tif")
 
 
 def utm_crs(lon: float, lat: float) -> str:
@@ -243,16 +247,9 @@ def run_zoned(case_dir: Path, workdir: Path, case: Case, model_dir: Path | None 
            "output": {"dir": "runs", "evidence": False, "report": False},
            "register": "runs/register.gpkg"}
     (out / "config.yaml").write_text(json.dumps(cfg))  # JSON is YAML
-    exe = Path(sys.executable).with_name("tuban")
-    cmd = [str(exe) if exe.exists() else "tuban", "run", str(out / "config.yaml"),
-           "--run-id", "zoned"]
-    env = {k: v for k, v in os.environ.items() if k != "TUBAN_MODEL_DIR"}
-    if model_dir is not None:
-        env["TUBAN_MODEL_DIR"] = str(model_dir)
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()[-500:]}")
-    return rasterize_patches(out / "runs" / "zoned" / "patches.geojson", case_dir / "label.tif")
+    run = out / "runs" / "zoned"
+    _tuban(["run", str(out / "config.yaml"), "--run-id", run.name], model_dir, run)
+    return rasterize_patches(run / "patches.geojson", case_dir / "label.tif")
 
 
 def direct_detect(case: Case) -> np.ndarray:
