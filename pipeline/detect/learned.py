@@ -461,8 +461,8 @@ class LearnedDetector:
             if net is not None:
                 # shape and context from the network, added to the pixel model's margin; the
                 # pixel model's own decision stays as change_any, which classify reads inside
-                # forest, farmland and ecological land (where the spectral detector keeps open
-                # ground, registry._WithEvidence, change_any is its own)
+                # forest, farmland and ecological land (registry._WithEvidence replaces it by
+                # the final decision joined by the spectral detector's, up to 4.5 m)
                 rgb = [roles.index(r) for r in F.RGB]
                 st = None if self.stretch is None else (self.stretch[0][rgb],
                                                         self.stretch[1][rgb])

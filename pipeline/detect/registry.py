@@ -63,9 +63,10 @@ class _WithEvidence:
     (:func:`pipeline.classify.zoned_change`), is the wrapped detector's ``change`` (with its
     network: new and vanished buildings) joined by the spectral detector's change. There its
     vegetation evidence (NDVI, or excess green without NIR) finds tomb clearings and soil on
-    farmland, which the RGB model, trained on buildings, passes over; the pixel model's own
-    decision, which ``change_any`` was before, merges whole parcels with harvests and takes
-    clouds for change. Elsewhere the RGB model and its network decide.
+    farmland, which the RGB model, trained on buildings, passes over. The learned detector's
+    own ``change_any`` (its pixel model's decision without the network), which merges whole
+    parcels with harvests and takes clouds for change, is replaced. Elsewhere the RGB model
+    and its network decide.
     """
 
     #: spectral layers that would let classify veto the wrapped detector's decisions
@@ -115,7 +116,8 @@ class _WithEvidence:
     def _with_spectral(self, out: dict[str, np.ndarray], before: np.ndarray, after: np.ndarray,
                        valid: np.ndarray, roles: tuple[str, ...], res_m: float,
                        ) -> dict[str, np.ndarray]:
-        if self.open_ground:  # its decisions are needed: the whole spectral detector
+        if self.open_ground:  # the whole spectral detector (for evidence alone too: the
+            # layers classify reads must be the same when it runs again on stored decisions)
             extra = self.spectral(before, after, valid, roles, res_m)
             if "change" in out:  # not when only evidence is asked for (evidence_of)
                 out["change_any"] = np.maximum(out["change"], open_ground_change(extra))
@@ -169,10 +171,10 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
     :mod:`pipeline.detect.learned` ships a model for them (RGB imagery: the RGB model; RGB+NIR:
     an RGB+NIR model, else the RGB model with its NIR ignored), else the spectral one. On
     imagery up to ``learned.OPEN_GROUND_MAX_RES_M`` (4.5 m: aerial, GF-2, Jilin-1, GF-1) the
-    spectral detector still decides inside forest, farmland and ecological land, where its
-    vegetation evidence finds the small clearings the RGB model misses (``open_ground``, see
-    :class:`_WithEvidence`). ``"learned"`` is the same but raises where no model serves the
-    bands, and takes a model outside its trained pixel sizes.
+    spectral detector's change joins the learned one inside forest, farmland and ecological
+    land, where its vegetation evidence finds the small clearings the RGB model misses
+    (``open_ground``, see :class:`_WithEvidence`). ``"learned"`` is the same but raises where
+    no model serves the bands, and takes a model outside its trained pixel sizes.
 
     ``threshold`` (noise units) applies to the spectral detector; ``network`` lets the learned
     detector add its change network (:mod:`pipeline.detect.cnn`) where one covers the pixel
@@ -186,8 +188,8 @@ def get_detector(name: str, roles: Sequence[str], res_m: float, *,
     if key not in DETECTORS:
         raise ConfigError(f"unknown detection method {name!r}; use one of {', '.join(DETECTORS)}")
     if key in ("auto", "learned"):
-        # up to 4.5 m: the RGB model decides, the spectral detector inside forest, farmland
-        # and ecological land (see _WithEvidence)
+        # up to 4.5 m: the RGB model decides, joined by the spectral detector inside forest,
+        # farmland and ecological land (see _WithEvidence)
         open_ground = res_m <= L.OPEN_GROUND_MAX_RES_M
         det = _learned(roles, res_m, exact=key == "auto", network=network, stretch=stretch,
                        medians=medians, open_ground=open_ground, threshold=threshold)
