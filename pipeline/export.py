@@ -33,7 +33,6 @@ import pyogrio
 import rasterio
 import rasterio.shutil
 import shapely
-from rasterio.warp import transform_bounds
 
 from . import report as report_mod
 from .atomic import atomic_open, atomic_write, staging_dir
@@ -46,6 +45,7 @@ from .evidence import (
     render_all,
     render_evidence,
 )
+from .grid import norm_crs, transform_bounds
 from .progress import Progress
 from .report import CATEGORY_COLORS, office_task_name
 from .track import empty_register, issued, match
@@ -531,7 +531,7 @@ def _report_meta(patches: gpd.GeoDataFrame, manifest: Mapping[str, Any],
                  run_id: str) -> dict[str, Any]:
     ext_ll = None
     if extent is not None and patches.crs is not None:
-        ext_ll = tuple(transform_bounds(patches.crs, "EPSG:4326", *extent, densify_pts=21))
+        ext_ll = transform_bounds(norm_crs(patches.crs.to_wkt()), norm_crs("EPSG:4326"), *extent)
     name = config.name if config else manifest.get("name")
     return {
         "title": f"图斑变化检测报告 {name or ''}".strip(),

@@ -27,7 +27,7 @@ from .blocks import close_dask_clients, default_workers, fit_workers, worker_px
 from .chips import ChipSource
 from .config import PipelineConfig, config_from_dict, load_config
 from .errors import InputError, OutputExistsError
-from .grid import BLOCK_HALO, SMALLEST_BLOCK, Grid, norm_crs
+from .grid import BLOCK_HALO, SMALLEST_BLOCK, Grid, norm_crs, transform_bounds
 from .patches import build_patches
 from .progress import Timings
 
@@ -336,13 +336,12 @@ def _auto_grid(before: ingest.ImageSource, after: ingest.ImageSource) -> tuple[s
     from pyproj import CRS as PCRS
     from pyproj.aoi import AreaOfInterest
     from pyproj.database import query_utm_crs_info
-    from rasterio.warp import transform_bounds
 
     crs = before.crs
     if crs.is_projected:
         name = crs.to_string()
     else:
-        w, s, e, n = transform_bounds(crs, "EPSG:4326", *before.bounds)
+        w, s, e, n = transform_bounds(crs, norm_crs("EPSG:4326"), *before.bounds)
         info = query_utm_crs_info(datum_name="WGS 84", area_of_interest=AreaOfInterest(
             w, s, e, n))
         name = f"EPSG:{info[0].code}" if info else PCRS("EPSG:3857").to_string()

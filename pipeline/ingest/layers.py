@@ -9,7 +9,6 @@ import numpy as np
 import pyogrio
 import shapely
 from rasterio.crs import CRS
-from rasterio.warp import transform_bounds
 
 from ..config import PipelineConfig
 from ..errors import (
@@ -18,7 +17,7 @@ from ..errors import (
     MissingCRSError,
     MissingFileError,
 )
-from ..grid import Grid, norm_crs
+from ..grid import Grid, norm_crs, transform_bounds
 from ..types import BBox
 
 #: what GDAL reads a shapefile's features from besides the ``.shp``: index, attributes, CRS and
@@ -56,8 +55,7 @@ def load_layer(path: str | Path, crs: CRS | str, bounds: BBox | None = None,
                               "EPSG:4326) and retry")
     bbox = None
     if bounds is not None:
-        bbox = tuple(transform_bounds(crs, CRS.from_user_input(info["crs"]), *bounds,
-                                      densify_pts=21))
+        bbox = transform_bounds(crs, norm_crs(info["crs"]), *bounds)
     try:
         gdf = pyogrio.read_dataframe(p, layer=layer, where=where, bbox=bbox)
     except Exception as err:
