@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import rasterio
 import yaml
-from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from pipeline import jobs
@@ -109,40 +108,20 @@ def test_joplin_tornado_swath_is_reported(shared_data: Path, tmp_path: Path) -> 
 
 def test_levir_buildings_on_declared_farmland_are_found(shared_data: Path,
                                                         tmp_path: Path) -> None:
-    """A LEVIR crop through ``tuban run``, once as it is and once declared farmland: inside
-    farmland the spectral detector's change (vegetation lost, soil gained) joins the RGB
-    model's and its network's, so new buildings there are still found. With the spectral
-    detector's change alone there, 13 % of LEVIR's new-building pixels were."""
+    """A LEVIR crop as it is (``tuban compare``) and declared farmland (``tuban run`` with a
+    farmland layer over it, the bench's ``farmland`` protocol): inside farmland the spectral
+    detector's change (vegetation lost, soil gained) joins the RGB model's and its network's,
+    so new buildings there are still found. With the spectral detector's change alone there,
+    13 % of LEVIR's new-building pixels were."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from accuracy import counts, load_case, rasterize_patches, scores
+    from accuracy import counts, load_case, run_compare, run_zoned, scores
 
     d = shared_data / "cases" / "levir" / "test_2_0000_0512"
     case = load_case(d)
-    with rasterio.open(d / "before.tif") as src:
-        w, s, e, n = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
-    utm = f"EPSG:{32601 + int((w + e) / 2 + 180) // 6}"  # its UTM zone, north
-    ring = [[w, s], [e, s], [e, n], [w, n], [w, s]]
-    (tmp_path / "farmland.geojson").write_text(json.dumps({
-        "type": "FeatureCollection", "features": [{
-            "type": "Feature", "properties": {},
-            "geometry": {"type": "Polygon", "coordinates": [ring]}}]}))
-    recall = {}
-    for name, rules in (("as_is", {}), ("farmland", {"farmland": {"path": "farmland.geojson"}})):
-        periods = []
-        for p, date in (("before", "2012-01-01"), ("after", "2016-01-01")):
-            (tmp_path / name / p).mkdir(parents=True)
-            (tmp_path / name / p / "scene.tif").symlink_to(d / f"{p}.tif")
-            periods.append({"name": p, "date": date, "images": [f"{name}/{p}"],
-                            "bands": {"red": 1, "green": 2, "blue": 3}})
-        cfg = {"name": name, "crs": utm, "resolution": case.res_m, "periods": periods,
-               "rules": rules, "output": {"dir": f"{name}/runs", "evidence": False,
-                                          "report": False},
-               "register": f"{name}/runs/register.gpkg"}
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-        out = jobs.run(tmp_path / f"{name}.yaml", workers=2, run_id="r")
-        pred = rasterize_patches(out / "patches.geojson", d / "label.tif")
-        recall[name] = scores(counts(pred, case.label))["recall"]
+    recall = {name: scores(counts(pred, case.label))["recall"] for name, pred in (
+        ("as_is", run_compare(d, tmp_path / "as_is")),
+        ("farmland", run_zoned(d, tmp_path / "farmland", case)))}
     assert recall["as_is"] > 0.6, recall
     assert recall["farmland"] >= 0.9 * recall["as_is"], recall
