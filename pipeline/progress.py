@@ -48,14 +48,17 @@ class Progress:
 
 
 class Timings(dict[str, float]):
-    """Per-stage wall-clock seconds, filled by ``with timings.stage("detect"):``."""
+    """Per-stage wall-clock seconds, filled by ``with timings.stage("detect"):``. A stage
+    entered again (``compare`` opens its two images before the run's own ingest) adds to its
+    time, and its log lines say so."""
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
-        log.info("stage %s ...", name)
+        again = name in self
+        log.info("stage %s %s", name, "continued ..." if again else "...")
         try:
             yield
         finally:
             self[name] = round(self.get(name, 0.0) + time.perf_counter() - t0, 3)
-            log.info("stage %s done in %.2fs", name, self[name])
+            log.info("stage %s done in %.2fs%s", name, self[name], " in all" if again else "")

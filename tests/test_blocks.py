@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Future
 
 import numpy as np
@@ -99,6 +101,22 @@ def test_progress_logs_without_a_terminal(caplog) -> None:  # type: ignore[no-un
     with t.stage("align"):
         pass
     assert "align" in t and t["align"] >= 0
+
+
+def test_timings_stage_entered_twice_adds_up_and_says_so(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``compare`` opens its images in the ingest stage before the run's own ingest: one
+    stage in run.json, and the log does not read as two ingests."""
+    caplog.set_level(logging.INFO, logger="tuban")
+    t = Timings()
+    for _ in range(2):
+        with t.stage("ingest"):
+            time.sleep(0.01)
+    assert list(t) == ["ingest"] and t["ingest"] >= 0.02
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "stage ingest ..." and lines[2] == "stage ingest continued ..."
+    assert lines[1].startswith("stage ingest done in ") and not lines[1].endswith("in all")
+    assert lines[3] == f"stage ingest done in {t['ingest']:.2f}s in all"
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc tuning")
