@@ -106,12 +106,14 @@ def default_workers() -> int:
 MEMORY_ENV = "TUBAN_MEMORY_MIB"
 #: what the main process keeps beside the workers (rule layers, patches, the models it loads)
 MAIN_MIB = 512.0
-#: a block worker's memory, measured with the learned detector (the heavier one) at 1 m: its
-#: libraries and models before any block (about 250 MiB), and per pixel of a block with its
-#: halo (features, the network's activations in onnxruntime's arena; 640² px: 527 MiB,
-#: 1152²: 1183 MiB); the spectral detector needs about a tenth of that per pixel
-WORKER_FIXED_MIB = 250.0
-WORKER_PX_BYTES = 750.0
+#: a block worker's memory (peak RSS, shared pages of the fork server counted in full),
+#: measured with the learned detector (the heavier one) on the 1 m RGB+NIR bench pair: a fixed
+#: part (libraries, models, what the first block leaves) and per pixel of a block with its
+#: halo (features, then the network's activations, which onnxruntime hands back after each
+#: call): 640² px 510-514 MiB, 1152² 798-876 MiB, rounded up. The spectral detector needs
+#: about a tenth of that per pixel
+WORKER_FIXED_MIB = 350.0
+WORKER_PX_BYTES = 450.0
 
 
 def worker_memory_mib(workers: int) -> float:

@@ -456,7 +456,7 @@ def test_compare_config_may_hold_only_detection(tmp_path: Path) -> None:
 def test_a_memory_budget_sets_workers_and_blocks(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Under ``TUBAN_MEMORY_MIB=1000`` two workers do not fit (512 MiB for the main process,
-    250 MiB for each worker before any block): one worker runs blocks of 384 px, and run.json
+    350 MiB for each worker before any block): one worker runs blocks of 384 px, and run.json
     says so. With plenty, every core works."""
     from pipeline.blocks import default_workers
 

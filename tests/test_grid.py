@@ -63,9 +63,9 @@ def test_worker_memory_from_the_environment(monkeypatch) -> None:  # type: ignor
     from pipeline.blocks import MAIN_MIB, worker_memory_mib, worker_px
     from pipeline.errors import TubanError
 
-    monkeypatch.setenv("TUBAN_MEMORY_MIB", "2512")
-    assert worker_memory_mib(2) == (2512 - MAIN_MIB) / 2
-    # (1000 - 250) MiB a worker at 750 B/px: 1024² px with the halo
+    monkeypatch.setenv("TUBAN_MEMORY_MIB", "2112")
+    assert worker_memory_mib(2) == (2112 - MAIN_MIB) / 2
+    # (800 - 350) MiB a worker at 450 B/px: 1024² px with the halo
     assert worker_px(2) == 1024**2
     monkeypatch.delenv("TUBAN_MEMORY_MIB")
     assert worker_memory_mib(2) > 0  # half of what is available now
@@ -80,11 +80,11 @@ def test_fewer_workers_when_the_memory_cannot_hold_them(monkeypatch) -> None:  #
     smallest = (256 + 2 * 64) ** 2
     monkeypatch.setenv("TUBAN_MEMORY_MIB", "2512")
     assert fit_workers(2, smallest) == 2
-    # 1000 MiB: (1000 - 512) / 2 is under a worker's fixed 250 MiB; one worker holds 577² px
+    # 1000 MiB: (1000 - 512) / 2 is under a worker's fixed 350 MiB; one worker holds 567² px
     monkeypatch.setenv("TUBAN_MEMORY_MIB", "1000")
     assert worker_px(2) == 0 and fit_workers(2, smallest) == 1
     assert fit_workers(4, smallest) == 1
-    monkeypatch.setenv("TUBAN_MEMORY_MIB", "4512")  # 1000 MiB for each of 4 workers
+    monkeypatch.setenv("TUBAN_MEMORY_MIB", "3912")  # 850 MiB for each of 4 workers
     assert fit_workers(8, smallest) == 8 and fit_workers(8, 1024**2) == 4
     monkeypatch.setenv("TUBAN_MEMORY_MIB", "100")  # nothing fits: still one worker
     assert fit_workers(2, smallest) == 1

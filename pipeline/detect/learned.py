@@ -456,6 +456,7 @@ class LearnedDetector:
                 decided = O.filter_objects(obj, cand, raw, t, names, stack, valid, res_m,
                                            self.threads)
             change = _as_change(decided, p, valid)
+            del stack  # the features (4 bytes each per pixel) are not needed past here
             net = (C.net_for(self.model_dir, res_m, self.threads)
                    if self.network and kind == "rgb" else None)
             if net is not None:
