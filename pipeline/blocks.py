@@ -14,6 +14,7 @@ import ctypes
 import logging
 import multiprocessing as mp
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -151,6 +152,22 @@ def _context(preload: Iterable[str] = ()) -> Any:
     return ctx
 
 
+#: the variables :func:`import_path_env` sets
+_IMPORT_ENV = ("PYTHONSAFEPATH", "PYTHONPATH")
+
+
+def import_path_env() -> dict[str, str]:
+    """Environment under which a new Python process searches for modules where this one does.
+
+    Python 3.11's fork server starts with its working directory first on ``sys.path`` and
+    ignores the path it is handed: run from a folder holding a ``pipeline`` package (another
+    checkout, a project's own ``pipeline/``), the workers imported that one instead of
+    tuban's. ``PYTHONSAFEPATH`` keeps the working directory off; ``PYTHONPATH`` is this
+    process's path (an empty entry, the working directory, made absolute)."""
+    path = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
+    return {"PYTHONSAFEPATH": "1", "PYTHONPATH": os.pathsep.join(path)}
+
+
 def warm_up(preload: Iterable[str] = ()) -> None:
     """Start the fork server now, importing ``preload`` once, so that workers forked from it
     later start in milliseconds (call before other work; it runs in the background)."""
@@ -159,8 +176,9 @@ def warm_up(preload: Iterable[str] = ()) -> None:
 
     # the fork server and its workers are tuban's own: LightGBM without scikit-learn there
     env = {**WORKER_ENV, LEAN_LIGHTGBM_ENV: "1"}
-    saved = {k: os.environ.get(k) for k in env}
+    saved = {k: os.environ.get(k) for k in (*env, *_IMPORT_ENV)}
     os.environ.update({k: os.environ.get(k) or v for k, v in env.items()})
+    os.environ.update(import_path_env())
     try:
         forkserver.ensure_running()
     finally:

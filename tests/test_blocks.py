@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +162,27 @@ def test_local_workers_start_with_the_block_path_imported(tmp_path) -> None:  # 
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stdout.strip() == "[[], []]", out.stdout + out.stderr
+
+
+def test_workers_import_tuban_not_a_pipeline_folder_in_the_working_directory(
+        tmp_path: Path) -> None:
+    """Python 3.11's fork server imports its preloads with the working directory first on its
+    path, and its workers inherit them: run from another checkout, the workers ran that
+    checkout's block code; here, a ``pipeline`` whose ``batch`` fails to import, the fork
+    server died and the pool with it."""
+    work = tmp_path / "work"
+    (work / "pipeline").mkdir(parents=True)
+    (work / "pipeline" / "__init__.py").write_text("")
+    (work / "pipeline" / "batch.py").write_text("raise RuntimeError('not tuban')\n")
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os\n"
+        "from pipeline.blocks import PRELOAD, map_blocks, warm_up\n"
+        "if __name__ == '__main__':\n"
+        "    warm_up(PRELOAD)  # as tuban does\n"
+        "    print(sorted(r for _, r in map_blocks(os.path.join, 'a', ['b', 'c'], workers=2)))\n")
+    res = subprocess.run([sys.executable, str(script)], cwd=work, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    joined = [os.path.join("a", "b"), os.path.join("a", "c")]
+    assert res.stdout.strip().splitlines()[-1] == repr(joined)
