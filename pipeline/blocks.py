@@ -111,7 +111,7 @@ MAIN_MIB = 512.0
 #: measured with the learned detector (the heavier one) on the 1 m RGB+NIR bench pair: a fixed
 #: part (libraries, models, what the first block leaves) and per pixel of a block with its
 #: halo (features, then the network's activations, which onnxruntime hands back after each
-#: call): 640² px 510-514 MiB, 1152² 798-876 MiB, rounded up. The spectral detector needs
+#: block): 640² px 510-514 MiB, 1152² 798-876 MiB, rounded up. The spectral detector needs
 #: about a tenth of that per pixel
 WORKER_FIXED_MIB = 350.0
 WORKER_PX_BYTES = 450.0

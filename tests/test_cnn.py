@@ -270,7 +270,7 @@ def test_run_record_names_the_models_used() -> None:
     assert d["open_ground"] == {"name": "spectral", "threshold": 3.0}
 
 
-def test_network_hands_its_working_memory_back_after_each_call() -> None:
+def test_network_hands_its_working_memory_back_after_each_block() -> None:
     """onnxruntime's arena kept the network's peak working memory (about 300 MB for a 1024²
     block at 1 m) after every call, beneath everything a block computes after it and the
     next block's features (a worker on 1152² blocks peaked at 1.3-1.4 GiB, now 0.8-0.9)."""
@@ -286,11 +286,12 @@ a = (b + rng.normal(0, 0.02, b.shape)).astype(np.float32)
 v = np.ones((1024, 1024), bool)
 net.vote(b[:, :64, :64], a[:, :64, :64], v[:64, :64], 1.0)  # the session made, warm
 rss = psutil.Process().memory_info().rss
-net.vote(b, a, v, 1.0)
+for _ in range(2):  # a block, then the next
+    net.vote(b, a, v, 1.0)
 print((psutil.Process().memory_info().rss - rss) / 2**20)
 """
     import subprocess
 
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, check=True)
-    assert float(res.stdout.split()[-1]) < 100, res.stdout
+    assert float(res.stdout.split()[-1]) < 200, res.stdout  # 340 MiB kept, 116 handed back

@@ -94,6 +94,7 @@ class Net:
         for s in self.scales:
             if s != 1.0:
                 np.maximum(z, predict_input(self, x, valid, res_m, s), out=z)
+        hand_memory_back(self)
         return self.weight * (z - self.threshold)
 
     def covers(self, res_m: float) -> bool:
@@ -148,20 +149,26 @@ TILE_MARGIN_PX = 32
 def run(net: Net, x: np.ndarray) -> np.ndarray:
     """The network's logits ``(h, w)`` for input ``x`` ``(6, h, w)``, in one call."""
     h, w = x.shape[1:]
-    return net.session.run(None, {"x": pad_to(x, net.multiple)[None]},
-                           _hand_memory_back())[0][0, 0, :h, :w]
+    return net.session.run(None, {"x": pad_to(x, net.multiple)[None]})[0][0, 0, :h, :w]
 
 
-@lru_cache(maxsize=1)
-def _hand_memory_back() -> Any:
-    """Run options under which onnxruntime's CPU arena hands its memory back after each call.
+def hand_memory_back(net: Net) -> None:
+    """Hand the memory onnxruntime's CPU arena keeps back: a call on the smallest input under
+    run options that shrink the arena once it ends (a block's tiles and scales share the
+    arena until then).
 
     Kept, the arena held the network's peak working memory (about 300 MB for a 1024² block at
     1 m) beneath everything a block computes after it and the next block's features: a block
     worker peaked at 1.3-1.4 GiB on 1152² px, 0.8-0.9 GiB handing it back (a 4000² compare,
     2 workers: peak PSS 2.8-2.9 → 1.8-1.9 GiB). Its cost is the network's memory taken again
-    each call (13-18 % of the network's time on one 1152² block, about 5 % of a block's); the
-    arena switched off instead cost 15-25 % and saved less."""
+    by the next block (13-18 % of the network's time on one 1152² block, about 5 % of a
+    block's); the arena switched off instead cost 15-25 % and lowered only a call's own peak."""
+    x = np.zeros((1, 6, net.multiple, net.multiple), np.float32)
+    net.session.run(None, {"x": x}, _shrink_after_run())
+
+
+@lru_cache(maxsize=1)
+def _shrink_after_run() -> Any:
     import onnxruntime as ort
 
     opts = ort.RunOptions()
