@@ -152,10 +152,6 @@ def _context(preload: Iterable[str] = ()) -> Any:
     return ctx
 
 
-#: the variables :func:`import_path_env` sets
-_IMPORT_ENV = ("PYTHONSAFEPATH", "PYTHONPATH")
-
-
 def import_path_env() -> dict[str, str]:
     """Environment under which a new Python process searches for modules where this one does.
 
@@ -176,9 +172,10 @@ def warm_up(preload: Iterable[str] = ()) -> None:
 
     # the fork server and its workers are tuban's own: LightGBM without scikit-learn there
     env = {**WORKER_ENV, LEAN_LIGHTGBM_ENV: "1"}
-    saved = {k: os.environ.get(k) for k in (*env, *_IMPORT_ENV)}
+    paths = import_path_env()
+    saved = {k: os.environ.get(k) for k in (*env, *paths)}
     os.environ.update({k: os.environ.get(k) or v for k, v in env.items()})
-    os.environ.update(import_path_env())
+    os.environ.update(paths)
     try:
         forkserver.ensure_running()
     finally:
